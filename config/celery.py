@@ -1,0 +1,42 @@
+"""The Celery configuration, derived from the typed settings so there is one source of truth.
+
+Delivery is at least once: a turn's message is acknowledged only when the task finishes
+(``acks_late``), and a worker that dies mid-turn hands it back (``reject_on_worker_lost``). The
+broker's visibility timeout must stay above the longest turn, or Redis would hand a turn that is
+still running to a second worker; ``TURN_VISIBILITY_TIMEOUT`` is that bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.settings import Settings
+
+TURN_TASK_NAME = "agent_turn.run_turn"
+TURN_VISIBILITY_TIMEOUT = 2 * 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": TURN_VISIBILITY_TIMEOUT},
+        "result_backend_transport_options": {"visibility_timeout": TURN_VISIBILITY_TIMEOUT},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": settings.queue,
+        "task_routes": {TURN_TASK_NAME: {"queue": settings.queue}},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        # Turns are long and I/O bound: a worker takes one message per free slot, so a busy
+        # worker never sits on turns another could start.
+        "worker_prefetch_multiplier": 1,
+        "result_expires": 24 * 3600,
+        "result_extended": True,
+        "worker_hijack_root_logger": False,
+    }

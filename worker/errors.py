@@ -1,0 +1,142 @@
+"""The one exception family of the worker: what can go wrong with a turn, and whether to retry.
+
+Every failure a turn can meet is an ``AgentBackendError``. The task catches exactly this family:
+a ``RetryableAgentError`` goes back to Celery with backoff; a ``PermanentAgentError`` (or the last
+retry) ends the turn with one ``error`` event on its channel. Anything outside the family is a bug
+and is treated as permanent, so a client is never left waiting.
+
+    AgentBackendError                 carries run_id, message_id, code, status
+    ├── RetryableAgentError           retried with exponential backoff and jitter
+    │   ├── BackendUnavailable        connection refused/reset, time-outs, 5xx / 503 / 429 on a call
+    │   ├── StreamInterrupted         the SSE stream broke, ended or stalled before a terminal
+    │   │                             event, and resuming from the last event id did not help
+    │   ├── TransientRunFailure       run_failed with a transient reason (rate limit, overload)
+    │   ├── SnapshotConflict          a newer snapshot of the conversation landed meanwhile
+    │   ├── TurnStoreUnavailable      the session store could not be reached
+    │   └── EventBusUnavailable       Redis pub/sub could not be reached
+    └── PermanentAgentError           never retried: retrying cannot change the outcome
+        ├── InvalidTurnPayload        the task payload failed validation
+        ├── RunRejected               4xx on create (422 validation, 401/403 auth, 404 …)
+        ├── ProtocolViolation         undecodable frame, invalid event, oversize value
+        ├── RunFailed                 run_failed with a permanent or unknown reason
+        └── RunCancelled              the backend cancelled the run
+
+Why unknown ``run_failed`` reasons are permanent: retrying a model call costs money, and only
+the reasons known to be transient are worth paying for twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class AgentBackendError(Exception):
+    """Root of every failure of a turn."""
+
+    retryable: ClassVar[bool] = False
+    code: ClassVar[str] = "internal_error"
+    status: ClassVar[int] = 500
+
+    def __init__(
+        self, message: str, *, run_id: str | None = None, message_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.run_id = run_id
+        self.message_id = message_id
+
+    def with_ids(
+        self, *, run_id: str | None = None, message_id: str | None = None
+    ) -> AgentBackendError:
+        """Fill in ids the raiser did not know, keeping any it did."""
+        self.run_id = self.run_id or run_id
+        self.message_id = self.message_id or message_id
+        return self
+
+    def __str__(self) -> str:
+        ids = [f"{name}={value}" for name, value in
+               (("message_id", self.message_id), ("run_id", self.run_id)) if value]
+        return f"{self.message} ({', '.join(ids)})" if ids else self.message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery pickles or serialises exceptions for the result backend; keyword-only ids would
+        # otherwise be lost on the way.
+        return (_rebuild, (type(self), self.message, self.run_id, self.message_id))
+
+
+def _rebuild(cls: type[AgentBackendError], message: str, run_id: str | None,
+             message_id: str | None) -> AgentBackendError:
+    return cls(message, run_id=run_id, message_id=message_id)
+
+
+class RetryableAgentError(AgentBackendError):
+    retryable = True
+    code = "temporarily_unavailable"
+    status = 503
+
+
+class BackendUnavailable(RetryableAgentError):
+    code = "backend_unavailable"
+
+
+class StreamInterrupted(RetryableAgentError):
+    code = "stream_interrupted"
+
+
+class TransientRunFailure(RetryableAgentError):
+    code = "model_temporarily_unavailable"
+
+    def __init__(self, message: str, *, reason: str | None = None, **ids: Any) -> None:
+        super().__init__(message, **ids)
+        self.reason = reason
+
+
+class SnapshotConflict(RetryableAgentError):
+    code = "conversation_busy"
+    status = 409
+
+
+class TurnStoreUnavailable(RetryableAgentError):
+    code = "store_unavailable"
+
+
+class EventBusUnavailable(RetryableAgentError):
+    code = "event_bus_unavailable"
+
+
+class PermanentAgentError(AgentBackendError):
+    retryable = False
+
+
+class InvalidTurnPayload(PermanentAgentError):
+    code = "invalid_param"
+    status = 400
+
+
+class RunRejected(PermanentAgentError):
+    code = "run_rejected"
+    status = 400
+
+
+class ProtocolViolation(PermanentAgentError):
+    code = "backend_protocol_error"
+    status = 502
+
+
+class RunFailed(PermanentAgentError):
+    code = "model_error"
+    status = 400
+
+    def __init__(self, message: str, *, reason: str | None = None, **ids: Any) -> None:
+        super().__init__(message, **ids)
+        self.reason = reason
+
+
+class RunCancelled(PermanentAgentError):
+    code = "run_cancelled"
+    status = 409
+
+
+TRANSIENT_RUN_FAILURE_REASONS = frozenset(
+    {"InvokeRateLimitError", "InvokeServerUnavailableError", "InvokeConnectionError"}
+)

@@ -1,0 +1,319 @@
+"""The session store: each conversation's latest snapshot and each turn's assistant message.
+
+SQLAlchemy 2 over SQLite (the default, one file) or PostgreSQL (production). Two promises:
+
+- A turn's success is one transaction: the conversation's new snapshot and the assistant message
+  (answer, usage, run id) land together or not at all.
+- A stale snapshot never overwrites a newer one. Each snapshot row has a version; a turn saves
+  only if the version it loaded is still current (compare-and-set), otherwise it gets
+  ``SnapshotConflict`` and nothing is written.
+
+Connection trouble surfaces as ``TurnStoreUnavailable`` (retryable), so a database that blinks
+costs a retry, not an answer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from worker.errors import SnapshotConflict, TurnStoreUnavailable
+
+JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MessageStatus(enum.StrEnum):
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ConversationSnapshot(Base):
+    """The newest session snapshot of a conversation, as the backend returned it."""
+
+    __tablename__ = "conversation_snapshots"
+
+    conversation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    app_id: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    layer_names: Mapped[list[str]] = mapped_column(JsonColumn)
+    snapshot: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    last_message_id: Mapped[str] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AssistantMessage(Base):
+    """One turn's assistant message, and the state of producing it."""
+
+    __tablename__ = "assistant_messages"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String(128), index=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    app_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    task_id: Mapped[str] = mapped_column(String(255))
+    query: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    answer: Mapped[str | None] = mapped_column(Text)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JsonColumn)
+    run_id: Mapped[str | None] = mapped_column(String(128))
+    run_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The snapshot version the recorded run started from: a run re-attached after a crash must
+    # save against the version it was built on, not whatever is current by then.
+    base_version: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSnapshot:
+    """What a turn starts from: the snapshot to send (or None) and the version it must replace."""
+
+    snapshot: dict[str, Any] | None
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    status: str
+    attempts: int
+    run_id: str | None
+    run_count: int
+    base_version: int | None
+    answer: str | None
+    usage: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    message_id: str
+    conversation_id: str
+    tenant_id: str
+    app_id: str
+    user_id: str
+    task_id: str
+    query: str
+
+
+def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+    """An engine fit for a threaded worker on SQLite or PostgreSQL."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=pool_size,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         pool_timeout=10)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers proceed while a turn commits; the busy timeout makes concurrent writers
+    # queue instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class SessionStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def create_schema(self) -> None:
+        with self._translate_errors():
+            Base.metadata.create_all(self.engine)
+
+    @contextmanager
+    def _transaction(self, message_id: str | None = None) -> Iterator[Session]:
+        with self._translate_errors(message_id), Session(self.engine) as session, session.begin():
+            yield session
+
+    @contextmanager
+    def _translate_errors(self, message_id: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except SnapshotConflict:
+            raise
+        except IntegrityError as exc:
+            raise SnapshotConflict(
+                "a concurrent write to the same conversation or message won",
+                message_id=message_id,
+            ) from exc
+        except DBAPIError as exc:
+            raise TurnStoreUnavailable(
+                f"session store error: {type(exc.orig).__name__}: {str(exc.orig)[:200]}",
+                message_id=message_id,
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise TurnStoreUnavailable(f"session store error: {exc}"[:300],
+                                       message_id=message_id) from exc
+
+    def begin_attempt(self, new: NewMessage) -> MessageState:
+        """Count one more attempt at a turn, creating its message row on the first."""
+        with self._transaction(new.message_id) as session:
+            row = session.get(AssistantMessage, new.message_id, with_for_update=True)
+            if row is None:
+                row = AssistantMessage(
+                    message_id=new.message_id, conversation_id=new.conversation_id,
+                    tenant_id=new.tenant_id, app_id=new.app_id, user_id=new.user_id,
+                    task_id=new.task_id, query=new.query, status=MessageStatus.RUNNING,
+                    attempts=1, run_count=0,
+                )
+                session.add(row)
+            elif row.status != MessageStatus.SUCCEEDED:
+                row.attempts += 1
+                row.status = MessageStatus.RUNNING
+                row.task_id = new.task_id
+                row.updated_at = _now()
+            return _state_of(row)
+
+    def load_snapshot(self, conversation_id: str, layer_names: tuple[str, ...]) -> LoadedSnapshot:
+        """The conversation's snapshot, unless it was taken under another composition."""
+        with self._transaction() as session:
+            row = session.get(ConversationSnapshot, conversation_id)
+            if row is None:
+                return LoadedSnapshot(None, 0)
+            if tuple(row.layer_names) != layer_names:
+                return LoadedSnapshot(None, row.version)
+            return LoadedSnapshot(row.snapshot, row.version)
+
+    def record_run(self, message_id: str, *, run_id: str, run_count: int,
+                   base_version: int) -> None:
+        with self._transaction(message_id) as session:
+            session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == message_id)
+                .values(run_id=run_id, run_count=run_count, base_version=base_version,
+                        updated_at=_now())
+            )
+
+    def save_success(
+        self,
+        *,
+        message_id: str,
+        conversation_id: str,
+        tenant_id: str,
+        app_id: str,
+        expected_version: int,
+        snapshot: dict[str, Any] | None,
+        layer_names: tuple[str, ...],
+        answer: str,
+        usage: dict[str, Any] | None,
+        run_id: str,
+    ) -> None:
+        """Save the new snapshot and the answer in one transaction, or neither."""
+        with self._transaction(message_id) as session:
+            if snapshot is not None:
+                self._replace_snapshot(session, conversation_id, tenant_id, app_id,
+                                       expected_version, snapshot, layer_names, message_id)
+            now = _now()
+            session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == message_id)
+                .values(status=MessageStatus.SUCCEEDED, answer=answer, usage=usage,
+                        run_id=run_id, error=None, error_code=None, updated_at=now,
+                        finished_at=now)
+            )
+
+    @staticmethod
+    def _replace_snapshot(session: Session, conversation_id: str, tenant_id: str, app_id: str,
+                          expected_version: int, snapshot: dict[str, Any],
+                          layer_names: tuple[str, ...], message_id: str) -> None:
+        values = dict(snapshot=snapshot, layer_names=list(layer_names),
+                      version=expected_version + 1, last_message_id=message_id,
+                      updated_at=_now())
+        if expected_version == 0:
+            session.execute(insert(ConversationSnapshot).values(
+                conversation_id=conversation_id, tenant_id=tenant_id, app_id=app_id, **values))
+            return
+        result = session.execute(
+            update(ConversationSnapshot)
+            .where(ConversationSnapshot.conversation_id == conversation_id,
+                   ConversationSnapshot.version == expected_version)
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            raise SnapshotConflict(
+                f"conversation {conversation_id} moved past snapshot version {expected_version}",
+                message_id=message_id,
+            )
+
+    def mark_unfinished(self, message_id: str, *, final: bool, code: str, error: str) -> None:
+        """Record a failed attempt: ``final`` when no retry follows."""
+        status = MessageStatus.FAILED if final else MessageStatus.RETRYING
+        now = _now()
+        with self._transaction(message_id) as session:
+            session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == message_id,
+                       AssistantMessage.status != MessageStatus.SUCCEEDED)
+                .values(status=status, error_code=code, error=error[:4000], updated_at=now,
+                        finished_at=now if final else None)
+            )
+
+    def get_message(self, message_id: str) -> AssistantMessage | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.get(AssistantMessage, message_id)
+
+    def get_snapshot(self, conversation_id: str) -> ConversationSnapshot | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.get(ConversationSnapshot, conversation_id)
+
+    def list_messages(self, conversation_id: str) -> list[AssistantMessage]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(
+                select(AssistantMessage)
+                .where(AssistantMessage.conversation_id == conversation_id)
+                .order_by(AssistantMessage.created_at)
+            ))
+
+
+def _state_of(row: AssistantMessage) -> MessageState:
+    return MessageState(status=row.status, attempts=row.attempts, run_id=row.run_id,
+                        run_count=row.run_count, base_version=row.base_version,
+                        answer=row.answer, usage=row.usage)

@@ -1,0 +1,105 @@
+"""The Celery entry point of a turn: validate, run one attempt, then retry or end it for good.
+
+Every way a turn can end leaves the client with exactly one ``message_end`` or ``error`` event:
+``run_turn`` publishes the end of a success; this module publishes the ``error`` of a turn that
+fails for good (an invalid payload, a permanent error, or the last retry spent).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_init
+
+from config.celery import TURN_TASK_NAME
+from config.settings import Settings, get_settings
+from worker.app import app
+from worker.composition import load_template
+from worker.errors import AgentBackendError, InvalidTurnPayload
+from worker.payload import TurnPayload, parse_turn, valid_message_id
+from worker.publisher import TurnIds
+from worker.turn import TurnServices, get_services, run_turn
+
+log = logging.getLogger(__name__)
+
+
+@worker_init.connect
+def _check_composition_template(**_: Any) -> None:
+    """Refuse to start with a broken template rather than fail every turn."""
+    load_template(get_settings().composition_template)
+
+
+def retry_delay(retries_done: int, settings: Settings) -> float:
+    """Exponential backoff with full jitter: spreads a burst of failed turns over time."""
+    ceiling = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**retries_done)
+    return random.uniform(0, ceiling)
+
+
+@app.task(name=TURN_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)
+def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -> dict[str, Any]:
+    settings = get_settings()
+    services = get_services(settings)
+    task_id = self.request.id
+    try:
+        if args or unexpected:
+            names = sorted(unexpected) + (["positional arguments"] if args else [])
+            raise InvalidTurnPayload(
+                f"the task takes one keyword argument, turn; also got {', '.join(names)}",
+                message_id=valid_message_id(turn),
+            )
+        payload = parse_turn(turn, settings)
+    except InvalidTurnPayload as exc:
+        log.warning("turn rejected (task %s): %s", task_id, exc)
+        if exc.message_id:
+            conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
+            ids = TurnIds(task_id, exc.message_id,
+                          conversation_id if isinstance(conversation_id, str) else "")
+            _publish_error(services, ids, exc)
+        raise
+
+    try:
+        return run_turn(payload, task_id=task_id, services=services).summary()
+    except AgentBackendError as exc:
+        failure = exc.with_ids(message_id=payload.message_id)
+    except Exception as exc:
+        log.exception("turn %s hit an unexpected error", payload.message_id)
+        failure = AgentBackendError(f"internal error: {type(exc).__name__}",
+                                    message_id=payload.message_id)
+
+    retries_done = self.request.retries
+    if failure.retryable and retries_done < settings.max_retries:
+        delay = retry_delay(retries_done, settings)
+        log.warning("turn %s attempt %d failed, retrying in %.1fs: %s", payload.message_id,
+                    retries_done + 1, delay, failure)
+        _record_failure(services, payload, failure, final=False)
+        raise self.retry(exc=failure, countdown=delay)
+    log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
+              retries_done + 1, failure)
+    _record_failure(services, payload, failure, final=True)
+    _publish_error(services, _ids(payload, task_id), failure)
+    raise failure
+
+
+def _ids(payload: TurnPayload, task_id: str) -> TurnIds:
+    return TurnIds(task_id, payload.message_id, payload.conversation_id)
+
+
+def _record_failure(services: TurnServices, payload: TurnPayload, failure: AgentBackendError,
+                    *, final: bool) -> None:
+    try:
+        services.store.mark_unfinished(payload.message_id, final=final, code=failure.code,
+                                       error=str(failure))
+    except AgentBackendError as exc:
+        log.error("could not record the failure of turn %s: %s", payload.message_id, exc)
+
+
+def _publish_error(services: TurnServices, ids: TurnIds, failure: AgentBackendError) -> None:
+    try:
+        services.bus.turn(ids).error(status=failure.status, code=failure.code,
+                                     message=str(failure))
+    except AgentBackendError as exc:
+        log.error("could not publish the error event of turn %s: %s", ids.message_id, exc)

@@ -1,0 +1,230 @@
+"""One chat turn, from a validated payload to a saved answer, readable top to bottom.
+
+``run_turn`` is one attempt. It either finishes the turn (answer streamed, snapshot and message
+saved in one transaction, ``message_end`` published) or raises an ``AgentBackendError`` and
+leaves the snapshot untouched; the task decides whether another attempt follows.
+
+The order of the last steps is deliberate: the answer is saved before ``message_end`` goes out,
+so a client that sees the end can read the message back; and if publishing the end fails after
+the save, the retry finds the message succeeded and only re-emits the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from config.settings import Settings
+from worker.answer import answer_text
+from worker.backend import AgentBackendClient, RunEvent
+from worker.composition import CompositionTemplate, build_run_request, load_template
+from worker.errors import (
+    TRANSIENT_RUN_FAILURE_REASONS,
+    BackendUnavailable,
+    ProtocolViolation,
+    RunCancelled,
+    RunFailed,
+    RunRejected,
+    TransientRunFailure,
+)
+from worker.payload import TurnPayload
+from worker.publisher import EventBus, TurnIds, TurnPublisher
+from worker.store import MessageState, MessageStatus, NewMessage, SessionStore, make_engine
+
+log = logging.getLogger(__name__)
+
+# Run states from which the run's stream can still deliver an answer worth re-attaching to.
+REATTACHABLE_RUN_STATES = frozenset({"running", "succeeded"})
+
+
+@dataclass
+class TurnServices:
+    """The long-lived clients a turn uses; built once per worker process and shared by threads."""
+
+    settings: Settings
+    template: CompositionTemplate
+    store: SessionStore
+    bus: EventBus
+    backend: AgentBackendClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TurnServices:
+        template = load_template(settings.composition_template)
+        pool = redis.BlockingConnectionPool.from_url(
+            settings.pubsub_url,
+            max_connections=settings.worker_concurrency + 8,
+            timeout=10,
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        bus = EventBus(
+            redis.Redis(connection_pool=pool),
+            channel_for=settings.channel_for,
+            state_ttl_seconds=settings.turn_state_ttl_seconds,
+            coalesce_window_ms=settings.coalesce_window_ms,
+            coalesce_max_chars=settings.coalesce_max_chars,
+        )
+        backend = AgentBackendClient(
+            settings.backend_url,
+            token=settings.backend_token.get_secret_value() if settings.backend_token else None,
+            connect_timeout=settings.backend_connect_timeout,
+            read_timeout=settings.backend_read_timeout,
+            max_reconnects=settings.stream_max_reconnects,
+            reconnect_delay=settings.stream_reconnect_delay,
+            max_frame_bytes=settings.max_frame_bytes,
+            pool_size=settings.worker_concurrency + 8,
+        )
+        store = SessionStore(make_engine(settings.database_url, pool_size=settings.db_pool_size))
+        store.create_schema()
+        return cls(settings=settings, template=template, store=store, bus=bus, backend=backend)
+
+
+_services: TurnServices | None = None
+_services_lock = threading.Lock()
+
+
+def get_services(settings: Settings) -> TurnServices:
+    global _services
+    with _services_lock:
+        if _services is None:
+            _services = TurnServices.from_settings(settings)
+        return _services
+
+
+@dataclass(frozen=True)
+class TurnOutcome:
+    message_id: str
+    run_id: str | None
+    answer: str
+    usage: dict[str, Any] | None
+    chunks: int
+    replayed: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """What the Celery result (and so Flower) shows: ids and sizes, not the answer."""
+        return {"status": MessageStatus.SUCCEEDED.value, "message_id": self.message_id,
+                "run_id": self.run_id, "answer_chars": len(self.answer), "chunks": self.chunks,
+                "replayed": self.replayed}
+
+
+def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices) -> TurnOutcome:
+    """One attempt at a turn."""
+    started = time.monotonic()
+    store, settings = services.store, services.settings
+    ids = TurnIds(task_id=task_id, message_id=turn.message_id,
+                  conversation_id=turn.conversation_id)
+    publisher = services.bus.turn(ids)
+
+    state = store.begin_attempt(NewMessage(
+        message_id=turn.message_id, conversation_id=turn.conversation_id,
+        tenant_id=turn.tenant_id, app_id=turn.app_id, user_id=turn.user_id, task_id=task_id,
+        query=turn.query,
+    ))
+    if state.status == MessageStatus.SUCCEEDED:
+        log.info("turn %s already succeeded; re-emitting its end", turn.message_id)
+        answer = state.answer or ""
+        publisher.end(answer, {"usage": state.usage})
+        return TurnOutcome(turn.message_id, state.run_id, answer, state.usage, 0, replayed=True)
+
+    if services.bus.last_seq(turn.message_id) > 0:
+        # An earlier attempt reached the client with text that may not match this one.
+        publisher.replace("")
+
+    run_id, base_version = _start_or_reattach(turn, state, services)
+    log.info("turn %s streaming run %s (attempt %d)", turn.message_id, run_id, state.attempts)
+    streamed_text, terminal = _relay_answer(run_id, turn.message_id, publisher, services)
+    output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+
+    answer = answer_text(output)
+    if len(answer) > settings.max_answer_chars:
+        raise ProtocolViolation(f"the answer exceeds {settings.max_answer_chars} characters",
+                                run_id=run_id, message_id=turn.message_id)
+    if answer != streamed_text:
+        publisher.replace(answer)
+    store.save_success(
+        message_id=turn.message_id, conversation_id=turn.conversation_id,
+        tenant_id=turn.tenant_id, app_id=turn.app_id, expected_version=base_version,
+        snapshot=snapshot, layer_names=services.template.layer_names, answer=answer,
+        usage=usage, run_id=run_id,
+    )
+    publisher.end(answer, {"usage": usage})
+    log.info("turn %s succeeded: run %s, %d chunks, %.3fs", turn.message_id, run_id,
+             publisher.chunks_published, time.monotonic() - started)
+    return TurnOutcome(turn.message_id, run_id, answer, usage, publisher.chunks_published)
+
+
+def _start_or_reattach(
+    turn: TurnPayload, state: MessageState, services: TurnServices
+) -> tuple[str, int]:
+    """The run this attempt follows, and the snapshot version it was built on.
+
+    A run recorded by an earlier attempt that is still running (or already has the answer) is
+    followed again from its first event rather than paid for twice. Otherwise a new run starts
+    from the current snapshot, under the next run number's idempotency key.
+    """
+    if state.run_id is not None and state.base_version is not None:
+        try:
+            status = services.backend.get_run(state.run_id).get("status")
+        except RunRejected:
+            status = None
+        if status in REATTACHABLE_RUN_STATES:
+            log.info("turn %s re-attaching to run %s (%s)", turn.message_id, state.run_id, status)
+            return state.run_id, state.base_version
+
+    loaded = services.store.load_snapshot(turn.conversation_id, services.template.layer_names)
+    run_number = state.run_count + 1
+    body = build_run_request(turn, services.template, services.settings,
+                             session_snapshot=loaded.snapshot, run_number=run_number)
+    run_id = services.backend.create_run(body, message_id=turn.message_id)
+    services.store.record_run(turn.message_id, run_id=run_id, run_count=run_number,
+                              base_version=loaded.version)
+    return run_id, loaded.version
+
+
+def _relay_answer(
+    run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices
+) -> tuple[str, RunEvent]:
+    """Publish the run's answer deltas as they come; return the streamed text and the end."""
+    limit = services.settings.max_answer_chars
+    parts: list[str] = []
+    streamed_chars = 0
+    for event in services.backend.stream_events(run_id, message_id=message_id):
+        if event.terminal:
+            publisher.flush()
+            return "".join(parts), event
+        if event.answer_delta:
+            streamed_chars += len(event.answer_delta)
+            if streamed_chars > limit:
+                raise ProtocolViolation(f"the streamed answer exceeds {limit} characters",
+                                        run_id=run_id, message_id=message_id)
+            parts.append(event.answer_delta)
+            publisher.delta(event.answer_delta)
+    raise BackendUnavailable("the event stream ended without a terminal event",
+                             run_id=run_id, message_id=message_id)
+
+
+def _successful_result(
+    terminal: RunEvent, run_id: str, message_id: str
+) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """``output``, ``session_snapshot`` and ``usage`` of a succeeded run; raise for the others."""
+    data = terminal.data
+    ids = {"run_id": run_id, "message_id": message_id}
+    if terminal.type == "run_failed":
+        reason = data.get("reason")
+        message = f"the run failed: {data.get('error')}" + (f" ({reason})" if reason else "")
+        if reason in TRANSIENT_RUN_FAILURE_REASONS:
+            raise TransientRunFailure(message, reason=reason, **ids)
+        raise RunFailed(message, reason=reason, **ids)
+    if terminal.type == "run_cancelled":
+        raise RunCancelled(f"the backend cancelled the run ({data.get('reason')})", **ids)
+    if "output" not in data:
+        raise RunFailed("the run asked for a deferred tool call, which chat turns do not serve",
+                        **ids)
+    return data.get("output"), data.get("session_snapshot"), data.get("usage")
+
