@@ -36,6 +36,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Turns are long and I/O bound: a worker takes one message per free slot, so a busy
         # worker never sits on turns another could start.
         "worker_prefetch_multiplier": 1,
+        "worker_pool": "threads",
+        "worker_concurrency": settings.worker_concurrency,
         "result_expires": 24 * 3600,
         "result_extended": True,
         "worker_hijack_root_logger": False,

@@ -17,7 +17,7 @@ from celery.signals import worker_init
 from config.celery import TURN_TASK_NAME
 from config.settings import Settings, get_settings
 from worker.app import app
-from worker.composition import load_template
+from worker.composition import CompositionTemplateError, load_template
 from worker.errors import AgentBackendError, InvalidTurnPayload
 from worker.payload import TurnPayload, parse_turn, valid_message_id
 from worker.publisher import TurnIds
@@ -28,8 +28,16 @@ log = logging.getLogger(__name__)
 
 @worker_init.connect
 def _check_composition_template(**_: Any) -> None:
-    """Refuse to start with a broken template rather than fail every turn."""
-    load_template(get_settings().composition_template)
+    """Refuse to start with a broken template rather than fail every turn.
+
+    Celery logs and swallows an ``Exception`` raised by a signal handler, so the refusal is a
+    ``SystemExit``, which it lets through.
+    """
+    try:
+        load_template(get_settings().composition_template)
+    except CompositionTemplateError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(f"agent-turn worker not started: {exc}") from None
 
 
 def retry_delay(retries_done: int, settings: Settings) -> float:

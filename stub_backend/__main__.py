@@ -1,0 +1,62 @@
+"""``python -m stub_backend``: serve the stub as its own process.
+
+Flags override the ``STUB_*`` environment variables, which override the defaults, so a demo
+script can configure the stub either way. The listening URL is printed once the socket is bound
+(useful with ``--port 0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+
+from stub_backend.app import StubSettings, create_app
+from stub_backend.server import bind_socket, build_uvicorn_server
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m stub_backend", description="Serve the dify-agent stub."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8790, help="0 picks a free port")
+    parser.add_argument("--token-delay", type=float, help="seconds between answer tokens")
+    parser.add_argument("--answer-tokens", type=int, help="pad answers to this many tokens")
+    parser.add_argument("--keepalive-interval", type=float, help="seconds between keepalives")
+    parser.add_argument("--auth-token", help="require this bearer token on the run API")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> StubSettings:
+    """Environment first, then the flags that were actually given."""
+    overrides = {
+        name: value
+        for name, value in {
+            "token_delay": args.token_delay,
+            "answer_tokens": args.answer_tokens,
+            "keepalive_interval": args.keepalive_interval,
+            "auth_token": args.auth_token,
+        }.items()
+        if value is not None
+    }
+    return dataclasses.replace(StubSettings.from_env(), **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    sock = bind_socket(args.host, args.port)
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"stub_backend listening on http://{host}:{port}", flush=True)
+    server = build_uvicorn_server(create_app(settings))
+    # uvicorn re-raises a captured SIGINT after its graceful stop; that stop was the point.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Shared fixtures: real Redis, real databases, the stub backend on a socket, a real worker.
+
+Isolation: tests use Redis databases 10-12 (flushed per test) and a Celery queue of their own, a
+fresh SQLite file or PostgreSQL schema per worker, so a developer's running stack is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from sqlalchemy import create_engine, text
+
+from config.settings import Settings
+from stub_backend import StubServer, StubSettings
+from worker.publisher import EventBus
+from worker.store import SessionStore, make_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+TEST_QUEUE = f"agent_turns_test_{uuid.uuid4().hex[:8]}"
+WAIT_SECONDS = 20.0
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _ensure_service(name: str, port: int) -> None:
+    if _port_open(port):
+        return
+    result = subprocess.run([str(ROOT / "scripts" / "ensure-services"), name],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 or not _port_open(port):
+        pytest.exit(f"{name} is not reachable on 127.0.0.1:{port} and could not be started:\n"
+                    f"{result.stderr.strip()}\nStart it (see scripts/ensure-services) and rerun.",
+                    returncode=3)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_up() -> None:
+    _ensure_service("redis", REDIS_PORT)
+    _ensure_service("postgres", 5432)
+
+
+def base_settings(**overrides: Any) -> Settings:
+    """Settings for tests: isolated Redis databases and queue, quick retries and time-outs."""
+    values: dict[str, Any] = {
+        "broker_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/10",
+        "result_backend": f"redis://{REDIS_HOST}:{REDIS_PORT}/11",
+        "pubsub_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/12",
+        "queue": TEST_QUEUE,
+        "backend_read_timeout": 2.0,
+        "backend_connect_timeout": 2.0,
+        "stream_max_reconnects": 2,
+        "stream_reconnect_delay": 0.05,
+        "coalesce_window_ms": 20.0,
+        "max_retries": 2,
+        "retry_backoff_base": 0.05,
+        "retry_backoff_max": 0.2,
+        "worker_concurrency": 8,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as AGENT_TURN_* variables, for a worker in another process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            value = ",".join(value)
+        env[f"AGENT_TURN_{name.upper()}"] = str(value)
+    return env
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return base_settings()
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=12, socket_timeout=5)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def event_bus(redis_client: redis.Redis, settings: Settings) -> EventBus:
+    return EventBus(redis_client, channel_for=settings.channel_for,
+                    coalesce_window_ms=settings.coalesce_window_ms,
+                    coalesce_max_chars=settings.coalesce_max_chars)
+
+
+# Databases ---------------------------------------------------------------------------------
+
+
+def sqlite_url(directory: Path) -> str:
+    return f"sqlite:///{directory / 'turns.sqlite3'}"
+
+
+def new_postgres_schema() -> tuple[str, Callable[[], None]]:
+    """A PostgreSQL URL confined to a new schema, and how to drop it."""
+    schema = f"turns_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop() -> None:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+    return f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}", drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path)
+        return
+    url, drop = new_postgres_schema()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[SessionStore]:
+    engine = make_engine(database_url, pool_size=4)
+    session_store = SessionStore(engine)
+    session_store.create_schema()
+    yield session_store
+    engine.dispose()
+
+
+# The stub backend --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def stub_server() -> Iterator[StubServer]:
+    server = StubServer(StubSettings(token_delay=0.002, keepalive_interval=0.5))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stub(stub_server: StubServer) -> StubControl:
+    control = StubControl(stub_server.url)
+    control.reset()
+    return control
+
+
+@dataclass
+class StubControl:
+    """The stub's test control API, as the tests use it."""
+
+    url: str
+
+    def reset(self) -> None:
+        requests.delete(f"{self.url}/_stub/state", timeout=5).raise_for_status()
+
+    def plan(self, message_id: str, **plan: Any) -> None:
+        """Register faults or overrides for one message (see stub_backend)."""
+        requests.post(f"{self.url}/_stub/messages/{message_id}", json=plan,
+                      timeout=5).raise_for_status()
+
+    def runs(self, message_id: str | None = None) -> list[dict[str, Any]]:
+        params = {"message_id": message_id} if message_id else {}
+        answer = requests.get(f"{self.url}/_stub/runs", params=params, timeout=5)
+        answer.raise_for_status()
+        return answer.json()["runs"]
+
+    def create_calls(self, message_id: str) -> int:
+        answer = requests.get(f"{self.url}/_stub/messages/{message_id}", timeout=5)
+        answer.raise_for_status()
+        return answer.json()["create_calls"]
+
+
+# Turns and their events --------------------------------------------------------------------
+
+
+def make_turn(**overrides: Any) -> dict[str, Any]:
+    turn: dict[str, Any] = {
+        "tenant_id": "tenant-1",
+        "app_id": "app-1",
+        "user_id": "user-1",
+        "conversation_id": f"conv-{uuid.uuid4().hex[:12]}",
+        "message_id": f"msg-{uuid.uuid4().hex[:12]}",
+        "query": "hi",
+    }
+    turn.update(overrides)
+    return turn
+
+
+@dataclass
+class TurnListener:
+    """A subscriber to one turn's channel, subscribed before the turn is enqueued."""
+
+    pubsub: Any
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def wait_for_end(self, timeout: float = WAIT_SECONDS) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is None:
+                continue
+            event = json.loads(message["data"])
+            self.events.append(event)
+            if event["event"] in ("message_end", "error"):
+                self.drain_quietly(0.3)
+                return self.events
+        raise AssertionError(f"no message_end or error within {timeout}s; got {self.events}")
+
+    def drain_quietly(self, seconds: float) -> None:
+        """Collect anything published shortly after the end (there should be nothing)."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.pubsub.get_message(ignore_subscribe_messages=True,
+                                              timeout=remaining)
+            if message is not None:
+                self.events.append(json.loads(message["data"]))
+
+
+@pytest.fixture
+def listen(
+    redis_client: redis.Redis, settings: Settings
+) -> Iterator[Callable[[str], TurnListener]]:
+    opened: list[Any] = []
+
+    def subscribe(message_id: str) -> TurnListener:
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(settings.channel_for(message_id))
+        pubsub.get_message(timeout=2)
+        opened.append(pubsub)
+        return TurnListener(pubsub)
+
+    yield subscribe
+    for pubsub in opened:
+        pubsub.close()
+
+
+def answer_of(events: list[dict[str, Any]]) -> str:
+    """The text a Dify client shows after these events: deltas appended, replace resets."""
+    text = ""
+    for event in events:
+        if event["event"] == "agent_message":
+            text += event["answer"]
+        elif event["event"] == "message_replace":
+            text = event["answer"]
+    return text
+
+
+# A real Celery worker ----------------------------------------------------------------------
+
+
+@dataclass
+class RunningWorker:
+    process: subprocess.Popen[bytes]
+    settings: Settings
+    log_path: Path
+    store: SessionStore
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_worker(settings: Settings, log_path: Path, hostname: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+               "--pool", "threads", "--concurrency", str(settings.worker_concurrency),
+               "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
+               "--without-mingle", "--without-gossip"]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')[-3000:]}")
+        if b"ready." in log_path.read_bytes():
+            return process
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"worker not ready within 30s:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def celery_worker(request: pytest.FixtureRequest, stub_server: StubServer,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningWorker]:
+    """A real worker process per database, consuming the tests' own queue."""
+    directory = tmp_path_factory.mktemp(f"worker-{request.param}")
+    drop: Callable[[], None] | None = None
+    if request.param == "sqlite":
+        url = sqlite_url(directory)
+    else:
+        url, drop = new_postgres_schema()
+    settings = base_settings(database_url=url, backend_url=stub_server.url)
+    purge = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=10)
+    purge.delete(settings.queue)
+    purge.close()
+    log_path = directory / "worker.log"
+    process = start_worker(settings, log_path, f"test-{request.param}-{uuid.uuid4().hex[:6]}@%h")
+    engine = make_engine(url, pool_size=2)
+    yield RunningWorker(process, settings, log_path, SessionStore(engine))
+    stop_worker(process)
+    engine.dispose()
+    if drop is not None:
+        drop()
+
+
+@pytest.fixture(scope="session")
+def producer_app() -> Any:
+    """A Celery app as a web tier would hold one: it knows the broker, not the worker code."""
+    from celery import Celery
+
+    from config.celery import celery_config
+
+    app = Celery("test-producer")
+    app.config_from_object(celery_config(base_settings()))
+    return app

@@ -1,0 +1,128 @@
+"""A turn through every real part: broker, worker process, stub backend, Redis pub/sub, database.
+
+Each test runs once per database (the ``celery_worker`` fixture is parametrized over SQLite and
+PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import RunningWorker, StubControl, answer_of, make_turn
+from worker.client import submit_turn
+
+
+def run_turn_and_wait(turn: dict[str, Any], listen: Any, producer_app: Any,
+                      worker: RunningWorker) -> list[dict[str, Any]]:
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=worker.settings)
+    return listener.wait_for_end()
+
+
+def test_subscriber_receives_every_delta_in_order_then_message_end(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(query="tell me something")
+    stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.001)
+
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    *deltas, end = events
+    assert end["event"] == "message_end"
+    assert deltas and all(event["event"] == "agent_message" for event in deltas)
+    joined = "".join(event["answer"] for event in deltas)
+    assert joined == end["answer"]
+    assert joined.startswith("[turn 1] You said: tell me something.")
+    assert len(deltas) < 60, "sixty tokens should have been coalesced into fewer messages"
+    assert end["metadata"]["usage"]["total_tokens"] > 0
+    for event in events:
+        assert event["message_id"] == turn["message_id"]
+        assert event["conversation_id"] == turn["conversation_id"]
+        assert isinstance(event["created_at"], int)
+    assert len({event["task_id"] for event in events}) == 1
+
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert message is not None
+    assert message.status == "succeeded"
+    assert message.answer == joined
+    assert message.usage == end["metadata"]["usage"]
+    assert message.run_id == stub.runs(turn["message_id"])[0]["run_id"]
+    assert message.attempts == 1
+
+
+def test_thinking_text_never_reaches_the_channel(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+    assert "Thinking" not in answer_of(events)
+    assert answer_of(events) == "[turn 1] You said: hi."
+
+
+def test_second_turn_sends_the_first_turns_snapshot(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    first = make_turn(query="my name is Ada")
+    run_turn_and_wait(first, listen, producer_app, celery_worker)
+    saved = celery_worker.store.get_snapshot(first["conversation_id"])
+    assert saved is not None and saved.version == 1
+
+    second = make_turn(conversation_id=first["conversation_id"], query="what is my name?")
+    events = run_turn_and_wait(second, listen, producer_app, celery_worker)
+
+    assert events[-1]["answer"] == "[turn 2] You said: what is my name?."
+    [first_run] = stub.runs(first["message_id"])
+    [second_run] = stub.runs(second["message_id"])
+    assert first_run["request"]["session_snapshot"] is None
+    assert second_run["request"]["session_snapshot"] == saved.snapshot
+    history = next(layer for layer in saved.snapshot["layers"] if layer["name"] == "history")
+    assert history["runtime_state"]["messages"][0] == {"role": "user", "content": "my name is Ada"}
+    assert celery_worker.store.get_snapshot(first["conversation_id"]).version == 2
+
+
+def test_run_request_carries_turn_values_and_a_message_derived_idempotency_key(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(query="hello", agent={"system_prompt": "Be brief.", "model": "gpt-4o-mini",
+                                           "parameters": {"temperature": 0.2}})
+    run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    [run] = stub.runs(turn["message_id"])
+    request = run["request"]
+    layers = {layer["name"]: layer for layer in request["composition"]["layers"]}
+    assert list(layers) == ["execution_context", "prompt", "history", "llm"]
+    assert layers["prompt"]["config"] == {"prefix": "Be brief.", "user": "hello"}
+    assert layers["execution_context"]["config"]["conversation_id"] == turn["conversation_id"]
+    assert layers["llm"]["config"]["model"] == "gpt-4o-mini"
+    assert layers["llm"]["config"]["model_settings"] == {"temperature": 0.2}
+    assert request["idempotency_key"] == f"agent-turn:{turn['message_id']}:1"
+    assert request["metadata"]["message_id"] == turn["message_id"]
+
+
+def test_structured_output_replaces_the_streamed_text(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], output={"answer": "Structured answer.", "score": 3})
+
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert [event["event"] for event in events[-2:]] == ["message_replace", "message_end"]
+    assert events[-2]["answer"] == "Structured answer."
+    assert events[-1]["answer"] == "Structured answer."
+    assert answer_of(events) == "Structured answer."
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert message is not None and message.answer == "Structured answer."
+
+
+def test_object_output_without_answer_field_becomes_compact_json(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], output={"city": "Zürich", "days": [1, 2]})
+
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert events[-1]["answer"] == '{"city":"Zürich","days":[1,2]}'
+    assert answer_of(events) == events[-1]["answer"]

@@ -1,0 +1,749 @@
+"""The dify-agent stub, exercised over a real socket the way the worker will use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from stub_backend import StubServer, StubSettings
+
+TIMEOUT = (5.0, 10.0)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CURSOR = re.compile(r"^(\d+)-(\d+)$")
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+LAYER_NAMES = ("execution_context", "prompt", "history", "llm")
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[StubServer]:
+    with StubServer(StubSettings(token_delay=0.0)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def chatty_backend() -> Iterator[StubServer]:
+    """A stub with a tiny keepalive interval, to observe idle-stream behaviour quickly."""
+    with StubServer(StubSettings(token_delay=0.0, keepalive_interval=0.05)) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(backend: StubServer) -> None:
+    requests.delete(f"{backend.url}/_stub/state", timeout=TIMEOUT).raise_for_status()
+
+
+def composition(query: str = "hi", names: tuple[str, ...] = LAYER_NAMES) -> dict[str, Any]:
+    layers: dict[str, dict[str, Any]] = {
+        "execution_context": {
+            "name": "execution_context",
+            "type": "dify.execution_context",
+            "config": {"tenant_id": "t1", "user_id": "u1", "conversation_id": "c1"},
+        },
+        "prompt": {
+            "name": "prompt",
+            "type": "plain.prompt",
+            "config": {"prefix": "Be brief.", "user": query},
+        },
+        "history": {"name": "history", "type": "pydantic_ai.history"},
+        "llm": {
+            "name": "llm",
+            "type": "dify.plugin.llm",
+            "deps": {"execution_context": "execution_context"},
+            "config": {"model_provider": "openai", "model": "gpt-4o"},
+        },
+    }
+    return {"schema_version": 1, "layers": [layers[name] for name in names]}
+
+
+def run_body(
+    query: str = "hi",
+    *,
+    message_id: str | None = "msg-1",
+    snapshot: dict[str, Any] | None = None,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "composition": composition(query),
+        "session_snapshot": snapshot,
+        "idempotency_key": idempotency_key,
+        "metadata": {"message_id": message_id} if message_id else {},
+        "deferred_tool_results": None,
+        "on_exit": {"default": "suspend", "layers": {}},
+    }
+
+
+def create(server: StubServer, body: dict[str, Any], **kwargs: Any) -> requests.Response:
+    return requests.post(f"{server.url}/runs", json=body, timeout=TIMEOUT, **kwargs)
+
+
+def start_run(server: StubServer, query: str = "hi", **kwargs: Any) -> str:
+    response = create(server, run_body(query, **kwargs))
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["run_id"]
+    return run_id
+
+
+def register(server: StubServer, message_id: str, **body: Any) -> None:
+    response = requests.post(
+        f"{server.url}/_stub/messages/{message_id}", json=body, timeout=TIMEOUT
+    )
+    assert response.status_code == 200, response.text
+
+
+@dataclass
+class Frame:
+    raw: bytes
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    comment: str | None = None
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        assert self.data is not None
+        parsed: dict[str, Any] = json.loads(self.data)
+        return parsed
+
+
+def parse_frame(raw: bytes) -> Frame:
+    frame = Frame(raw=raw + b"\n\n")
+    for line in raw.decode().split("\n"):
+        field, _, value = line.partition(": ")
+        if line.startswith(":"):
+            frame.comment = line[1:].strip()
+        elif field in ("id", "event", "data"):
+            setattr(frame, field, value)
+    return frame
+
+
+def iter_frames(response: requests.Response) -> Iterator[Frame]:
+    """Frames as they arrive; raises whatever requests raises if the stream breaks."""
+    buffer = b""
+    for chunk in response.iter_content(chunk_size=None):
+        buffer += chunk
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            yield parse_frame(raw)
+    assert buffer == b"", f"stream ended inside a frame: {buffer!r}"
+
+
+def open_stream(
+    server: StubServer,
+    run_id: str,
+    *,
+    after: str | None = None,
+    last_event_id: str | None = None,
+    timeout: tuple[float, float] = TIMEOUT,
+) -> requests.Response:
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    params = {"after": after} if after else {}
+    response = requests.get(
+        f"{server.url}/runs/{run_id}/events/sse",
+        params=params,
+        headers=headers,
+        stream=True,
+        timeout=timeout,
+    )
+    assert response.status_code == 200, response.text
+    return response
+
+
+def read_stream(server: StubServer, run_id: str, **kwargs: Any) -> list[Frame]:
+    with open_stream(server, run_id, **kwargs) as response:
+        return list(iter_frames(response))
+
+
+def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
+    return [frame.envelope for frame in frames if frame.comment is None]
+
+
+def answer_deltas(events: list[dict[str, Any]]) -> str:
+    return "".join(e.get("agent_message_delta") or "" for e in events)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def run_status(server: StubServer, run_id: str) -> dict[str, Any]:
+    response = requests.get(f"{server.url}/runs/{run_id}", timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def cursor_key(cursor: str) -> tuple[int, int]:
+    match = CURSOR.match(cursor)
+    assert match, cursor
+    return int(match.group(1)), int(match.group(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Creating runs
+
+
+def test_create_answers_202_with_hex_run_id_and_running_status(backend: StubServer) -> None:
+    response = create(backend, run_body())
+
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "running"
+    assert re.fullmatch(r"[0-9a-f]{32}", body["run_id"])
+
+
+def test_create_accepts_a_minimal_body_with_defaults(backend: StubServer) -> None:
+    response = create(backend, {"composition": composition()})
+
+    assert response.status_code == 202, response.text
+
+
+def _with(body: dict[str, Any], mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    mutate(body)
+    return body
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("unknown top-level field", _with(run_body(), lambda b: b.update(extra=1))),
+        (
+            "unknown composition field",
+            _with(run_body(), lambda b: b["composition"].update(version=2)),
+        ),
+        (
+            "unknown layer field",
+            _with(run_body(), lambda b: b["composition"]["layers"][0].update(kind="x")),
+        ),
+        ("unknown on_exit field", _with(run_body(), lambda b: b["on_exit"].update(when="now"))),
+        (
+            "unknown deferred_tool_results field",
+            _with(run_body(), lambda b: b.update(deferred_tool_results={"calls": {}, "x": 1})),
+        ),
+        (
+            "duplicate layer names",
+            _with(
+                run_body(),
+                lambda b: b["composition"]["layers"].append(dict(b["composition"]["layers"][0])),
+            ),
+        ),
+        (
+            "dep naming no layer",
+            _with(
+                run_body(),
+                lambda b: b["composition"]["layers"][3].update(deps={"execution_context": "nope"}),
+            ),
+        ),
+        ("missing composition", {"metadata": {}}),
+        (
+            "snapshot with other layer order",
+            run_body(
+                snapshot={
+                    "schema_version": 1,
+                    "layers": [
+                        {"name": n} for n in ("prompt", "execution_context", "history", "llm")
+                    ],
+                }
+            ),
+        ),
+        ("snapshot without layers", run_body(snapshot={"schema_version": 1})),
+    ],
+)
+def test_create_rejects_invalid_body_with_422(
+    backend: StubServer, case: str, body: dict[str, Any]
+) -> None:
+    response = create(backend, body)
+
+    assert response.status_code == 422, case
+    assert "detail" in response.json()
+    assert backend.app_state.describe_runs() == []
+
+
+def test_create_rejects_a_body_that_is_not_json_with_422(backend: StubServer) -> None:
+    response = requests.post(
+        f"{backend.url}/runs",
+        data=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=TIMEOUT,
+    )
+
+    assert response.status_code == 422
+    assert "detail" in response.json()
+
+
+def test_run_api_requires_the_configured_bearer_token() -> None:
+    with StubServer(StubSettings(token_delay=0.0, auth_token="s3cret")) as server:
+        missing = create(server, run_body())
+        wrong = create(server, run_body(), headers={"Authorization": "Bearer nope"})
+        right = create(server, run_body(), headers={"Authorization": "Bearer s3cret"})
+        run_id = right.json()["run_id"]
+        status_without = requests.get(f"{server.url}/runs/{run_id}", timeout=TIMEOUT)
+        control = requests.get(f"{server.url}/_stub/runs", timeout=TIMEOUT)
+
+    assert missing.status_code == 401
+    assert missing.json()["detail"]
+    assert wrong.status_code == 401
+    assert right.status_code == 202
+    assert status_without.status_code == 401
+    assert control.status_code == 200
+
+
+def test_idempotency_key_returns_the_same_run_without_starting_another(backend: StubServer) -> None:
+    first = create(backend, run_body(idempotency_key="turn-1"))
+    second = create(backend, run_body(idempotency_key="turn-1"))
+    other = create(backend, run_body(idempotency_key="turn-2"))
+
+    assert first.status_code == second.status_code == other.status_code == 202
+    assert second.json()["run_id"] == first.json()["run_id"]
+    assert other.json()["run_id"] != first.json()["run_id"]
+    info = requests.get(f"{backend.url}/_stub/messages/msg-1", timeout=TIMEOUT).json()
+    assert info == {"create_calls": 3, "runs": [first.json()["run_id"], other.json()["run_id"]]}
+
+
+def test_answer_of_second_turn_reflects_the_snapshot_it_was_sent(backend: StubServer) -> None:
+    first_events = events_of(read_stream(backend, start_run(backend, "hello")))
+    first_result = first_events[-1]["data"]
+    second_run = start_run(backend, "again", snapshot=first_result["session_snapshot"])
+    second_result = events_of(read_stream(backend, second_run))[-1]["data"]
+
+    assert first_result["output"] == "[turn 1] You said: hello."
+    assert second_result["output"] == "[turn 2] You said: again."
+    snapshot = second_result["session_snapshot"]
+    assert [layer["name"] for layer in snapshot["layers"]] == list(LAYER_NAMES)
+    assert all(layer["lifecycle_state"] == "suspended" for layer in snapshot["layers"])
+    history = next(layer for layer in snapshot["layers"] if layer["name"] == "history")
+    assert history["runtime_state"]["messages"] == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "[turn 1] You said: hello."},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "[turn 2] You said: again."},
+    ]
+
+
+def test_runs_are_produced_without_any_stream_client(backend: StubServer) -> None:
+    run_id = start_run(backend)
+
+    wait_until(lambda: run_status(backend, run_id)["status"] == "succeeded")
+    runs = requests.get(f"{backend.url}/_stub/runs", timeout=TIMEOUT).json()["runs"]
+    assert runs[0]["sse_connections"] == 0
+
+
+def test_run_status_reports_times_and_no_error(backend: StubServer) -> None:
+    run_id = start_run(backend)
+    read_stream(backend, run_id)
+
+    status = run_status(backend, run_id)
+    assert status["run_id"] == run_id
+    assert status["status"] == "succeeded"
+    assert status["error"] is None
+    assert ISO_UTC.match(status["created_at"])
+    assert status["updated_at"] >= status["created_at"]
+
+
+def test_create_answers_503_while_shutting_down() -> None:
+    server = StubServer(StubSettings(token_delay=0.0))
+    with server:
+        assert create(server, run_body()).status_code == 202
+        server.begin_shutdown()
+        wait_until(lambda: create(server, run_body()).status_code == 503)
+
+
+# --------------------------------------------------------------------------------------------
+# The event stream
+
+
+def test_frames_have_the_exact_wire_format_and_increasing_ids(backend: StubServer) -> None:
+    run_id = start_run(backend)
+
+    frames = read_stream(backend, run_id)
+
+    keys = [cursor_key(frame.id or "") for frame in frames]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    for frame in frames:
+        envelope = frame.envelope
+        line = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
+        assert frame.raw == f"id: {frame.id}\nevent: {frame.event}\ndata: {line}\n\n".encode()
+        assert envelope["id"] == frame.id
+        assert envelope["type"] == frame.event
+        assert envelope["run_id"] == run_id
+        assert ISO_UTC.match(envelope["created_at"])
+        assert ("agent_message_delta" in envelope) == (frame.event == "pydantic_ai_event")
+    assert frames[0].event == "run_started"
+    assert frames[-1].event == "run_succeeded"
+
+
+def test_event_sequence_streams_the_answer_after_a_thinking_part(backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "hi")))
+
+    kinds = [e["data"].get("event_kind") for e in events[1:-1]]
+    assert kinds == ["part_start", "part_start", "final_result"] + ["part_delta"] * 4 + ["part_end"]
+    thinking = events[1]
+    assert thinking["data"]["part"] == {"part_kind": "thinking", "content": "Thinking about it."}
+    assert thinking["agent_message_delta"] is None
+    assert events[2]["data"] == {
+        "index": 1,
+        "part": {"part_kind": "text", "content": "[turn"},
+        "event_kind": "part_start",
+    }
+    assert [e["agent_message_delta"] for e in events[2:-2]] == [
+        "[turn", None, " 1]", " You", " said:", " hi."
+    ]
+    assert events[-2]["data"]["part"]["content"] == "[turn 1] You said: hi."
+    assert events[-2]["agent_message_delta"] is None
+    result = events[-1]["data"]
+    assert answer_deltas(events) == result["output"] == "[turn 1] You said: hi."
+    usage = result["usage"]
+    assert usage["currency"] == "USD"
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    prices = ("prompt_price", "completion_price", "total_price")
+    assert all(isinstance(usage[price], str) for price in prices)
+
+
+def test_answer_is_padded_to_the_requested_token_count(backend: StubServer) -> None:
+    register(backend, "msg-1", answer_tokens=8)
+
+    events = events_of(read_stream(backend, start_run(backend, "hi")))
+
+    deltas = [e["agent_message_delta"] for e in events if e.get("agent_message_delta")]
+    assert len(deltas) == 8
+    assert events[-1]["data"]["output"] == "[turn 1] You said: hi. lorem ipsum dolor"
+
+
+def test_replays_from_an_after_cursor(backend: StubServer) -> None:
+    run_id = start_run(backend)
+    frames = read_stream(backend, run_id)
+
+    replay = read_stream(backend, run_id, after=frames[3].id)
+
+    assert [frame.raw for frame in replay] == [frame.raw for frame in frames[4:]]
+    assert read_stream(backend, run_id, after="0-0") == frames
+
+
+def test_replays_from_last_event_id_then_follows_live(backend: StubServer) -> None:
+    register(backend, "msg-1", token_delay=0.05, answer_tokens=12)
+    run_id = start_run(backend)
+    with open_stream(backend, run_id) as response:
+        frames = iter_frames(response)
+        seen = [next(frames) for _ in range(3)]
+
+    assert run_status(backend, run_id)["status"] == "running"
+    rest = read_stream(backend, run_id, last_event_id=seen[-1].id, after="0-0")
+
+    assert rest[0].envelope["id"] != seen[-1].id
+    assert rest[-1].event == "run_succeeded"
+    full = read_stream(backend, run_id)
+    assert [f.raw for f in seen + rest] == [f.raw for f in full]
+
+
+def test_idle_stream_carries_keepalive_comments(chatty_backend: StubServer) -> None:
+    register(chatty_backend, "slow", token_delay=0.3)
+    run_id = start_run(chatty_backend, message_id="slow")
+
+    keepalives = 0
+    with open_stream(chatty_backend, run_id) as response:
+        for frame in iter_frames(response):
+            if frame.comment is not None:
+                assert frame.raw == b": keepalive\n\n"
+                keepalives += 1
+            if keepalives >= 2:
+                break
+    requests.post(f"{chatty_backend.url}/runs/{run_id}/cancel", json={}, timeout=TIMEOUT)
+    assert keepalives == 2
+
+
+def test_unknown_run_answers_404_everywhere(backend: StubServer) -> None:
+    base = f"{backend.url}/runs/0123456789abcdef"
+    answers = [
+        requests.get(base, timeout=TIMEOUT),
+        requests.post(f"{base}/cancel", json={}, timeout=TIMEOUT),
+        requests.get(f"{base}/events", timeout=TIMEOUT),
+        requests.get(f"{base}/events/sse", timeout=TIMEOUT),
+    ]
+
+    assert [a.status_code for a in answers] == [404] * 4
+    assert all(a.json()["detail"] for a in answers)
+
+
+def test_event_page_pages_through_the_log_with_next_cursor(backend: StubServer) -> None:
+    run_id = start_run(backend)
+    streamed = events_of(read_stream(backend, run_id))
+    url = f"{backend.url}/runs/{run_id}/events"
+
+    first = requests.get(url, params={"limit": 3}, timeout=TIMEOUT).json()
+    rest = requests.get(
+        url, params={"after": first["next_cursor"], "limit": 500}, timeout=TIMEOUT
+    ).json()
+    empty = requests.get(url, params={"after": rest["next_cursor"]}, timeout=TIMEOUT).json()
+
+    assert first["run_id"] == run_id
+    assert first["next_cursor"] == first["events"][2]["id"]
+    assert first["events"] + rest["events"] == streamed
+    assert empty == {"run_id": run_id, "events": [], "next_cursor": rest["next_cursor"]}
+    for bad in ({"limit": 0}, {"limit": 501}, {"limit": "x"}, {"after": "yesterday"}):
+        assert requests.get(url, params=bad, timeout=TIMEOUT).status_code == 422
+
+
+# --------------------------------------------------------------------------------------------
+# Faults and overrides
+
+
+def test_drop_fault_breaks_the_chunked_response(backend: StubServer) -> None:
+    register(backend, "msg-1", stream=[{"drop_after": 3}])
+    run_id = start_run(backend)
+    received: list[Frame] = []
+
+    with open_stream(backend, run_id) as response, pytest.raises(
+        (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)
+    ):
+        for frame in iter_frames(response):
+            received.append(frame)
+
+    assert len(received) == 3
+    resumed = read_stream(backend, run_id, last_event_id=received[-1].id)
+    assert resumed[-1].event == "run_succeeded"
+    assert [f.raw for f in received + resumed] == [f.raw for f in read_stream(backend, run_id)]
+
+
+def test_stall_fault_goes_silent_then_closes(chatty_backend: StubServer) -> None:
+    register(chatty_backend, "stall", stream=[{"stall_after": 2, "stall_seconds": 0.5}])
+    run_id = start_run(chatty_backend, message_id="stall")
+    arrivals: list[tuple[float, Frame]] = []
+
+    started = time.monotonic()
+    with open_stream(chatty_backend, run_id) as response:
+        for frame in iter_frames(response):
+            arrivals.append((time.monotonic() - started, frame))
+    ended = time.monotonic() - started
+
+    assert [frame.comment for _, frame in arrivals] == [None, None]
+    assert ended - arrivals[-1][0] >= 0.45
+
+
+def test_stall_fault_without_duration_outlasts_the_client_read_timeout(
+    chatty_backend: StubServer,
+) -> None:
+    register(chatty_backend, "stall", stream=[{"stall_after": 1}])
+    run_id = start_run(chatty_backend, message_id="stall")
+    received: list[Frame] = []
+
+    with open_stream(chatty_backend, run_id, timeout=(5.0, 0.4)) as response, pytest.raises(
+        requests.exceptions.ConnectionError
+    ):
+        for frame in iter_frames(response):
+            received.append(frame)
+
+    assert [frame.event for frame in received] == ["run_started"]
+    assert read_stream(chatty_backend, run_id)[-1].event == "run_succeeded"
+
+
+def test_garbage_fault_sends_one_undecodable_frame_then_continues(backend: StubServer) -> None:
+    register(backend, "msg-1", stream=[{"garbage_after": 2}])
+    run_id = start_run(backend)
+
+    frames = read_stream(backend, run_id)
+
+    clean = read_stream(backend, run_id)
+    assert frames[2].raw == (
+        f"id: {clean[2].id}\nevent: pydantic_ai_event\ndata: {{this is not json\n\n".encode()
+    )
+    assert [f.raw for f in frames[:2] + frames[3:]] == [f.raw for f in clean]
+
+
+def test_create_fault_answers_the_scripted_status_without_creating_a_run(
+    backend: StubServer,
+) -> None:
+    register(backend, "msg-1", create=[{"status": 503}, {"status": 500, "body": {"oops": True}}])
+
+    answers = [create(backend, run_body()) for _ in range(3)]
+
+    assert [a.status_code for a in answers] == [503, 500, 202]
+    assert answers[0].json()["detail"]
+    assert answers[1].json() == {"oops": True}
+    info = requests.get(f"{backend.url}/_stub/messages/msg-1", timeout=TIMEOUT).json()
+    assert info == {"create_calls": 3, "runs": [answers[2].json()["run_id"]]}
+
+
+def test_fail_fault_ends_the_run_with_the_reason_after_n_tokens(backend: StubServer) -> None:
+    register(
+        backend,
+        "msg-1",
+        fail={"reason": "InvokeRateLimitError", "error": "rate limited", "after_tokens": 2},
+    )
+    run_id = start_run(backend)
+
+    events = events_of(read_stream(backend, run_id))
+
+    assert answer_deltas(events) == "[turn 1]"
+    assert events[-1]["type"] == "run_failed"
+    assert events[-1]["data"] == {"error": "rate limited", "reason": "InvokeRateLimitError"}
+    status = run_status(backend, run_id)
+    assert (status["status"], status["error"]) == ("failed", "rate limited")
+
+
+def test_output_override_replaces_output_but_not_the_streamed_tokens(backend: StubServer) -> None:
+    register(backend, "msg-1", output={"answer": "structured", "score": 3})
+
+    events = events_of(read_stream(backend, start_run(backend)))
+
+    assert answer_deltas(events) == "[turn 1] You said: hi."
+    assert events[-1]["data"]["output"] == {"answer": "structured", "score": 3}
+
+
+def test_control_api_rejects_an_ambiguous_stream_fault(backend: StubServer) -> None:
+    response = requests.post(
+        f"{backend.url}/_stub/messages/msg-1",
+        json={"stream": [{"drop_after": 1, "garbage_after": 2}]},
+        timeout=TIMEOUT,
+    )
+
+    assert response.status_code == 422
+
+
+# --------------------------------------------------------------------------------------------
+# Cancelling
+
+
+def test_cancel_stops_the_producer_and_ends_the_stream(backend: StubServer) -> None:
+    register(backend, "msg-1", token_delay=0.2, answer_tokens=50)
+    run_id = start_run(backend)
+
+    with open_stream(backend, run_id) as response:
+        frames: list[Frame] = []
+        for frame in iter_frames(response):
+            frames.append(frame)
+            if frame.event == "run_started":
+                cancel = requests.post(
+                    f"{backend.url}/runs/{run_id}/cancel",
+                    json={"reason": "user_stop"},
+                    timeout=TIMEOUT,
+                )
+
+    assert cancel.status_code == 200
+    assert cancel.json() == {"run_id": run_id, "status": "cancelled"}
+    assert frames[-1].event == "run_cancelled"
+    assert frames[-1].envelope["data"] == {"reason": "user_stop", "message": None}
+    assert run_status(backend, run_id)["status"] == "cancelled"
+    run = backend.app_state.runs[run_id]
+    wait_until(lambda: run.task is not None and run.task.done())
+    assert run.events[-1].type == "run_cancelled"
+
+
+def test_cancel_after_the_run_ended_answers_409(backend: StubServer) -> None:
+    run_id = start_run(backend)
+    read_stream(backend, run_id)
+
+    response = requests.post(f"{backend.url}/runs/{run_id}/cancel", timeout=TIMEOUT)
+
+    assert response.status_code == 409
+    assert response.json()["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# Control API and lifecycle
+
+
+def test_control_api_lists_runs_with_requests_and_stream_counts(backend: StubServer) -> None:
+    body = run_body("first")
+    first = create(backend, body).json()["run_id"]
+    second = start_run(backend, "second", message_id="msg-2")
+    read_stream(backend, first)
+    read_stream(backend, first)
+
+    mine = requests.get(
+        f"{backend.url}/_stub/runs", params={"message_id": "msg-1"}, timeout=TIMEOUT
+    ).json()["runs"]
+    everything = requests.get(f"{backend.url}/_stub/runs", timeout=TIMEOUT).json()["runs"]
+
+    assert mine == [
+        {
+            "run_id": first,
+            "message_id": "msg-1",
+            "status": "succeeded",
+            "request": body,
+            "sse_connections": 2,
+        }
+    ]
+    assert [run["run_id"] for run in everything] == [first, second]
+
+
+def test_reset_forgets_runs_and_registrations(backend: StubServer) -> None:
+    run_id = start_run(backend)
+    register(backend, "msg-1", create=[{"status": 503}])
+
+    requests.delete(f"{backend.url}/_stub/state", timeout=TIMEOUT).raise_for_status()
+
+    assert requests.get(f"{backend.url}/runs/{run_id}", timeout=TIMEOUT).status_code == 404
+    assert requests.get(f"{backend.url}/_stub/runs", timeout=TIMEOUT).json() == {"runs": []}
+    assert create(backend, run_body()).status_code == 202
+
+
+def test_stop_is_bounded_even_with_open_streams() -> None:
+    server = StubServer(StubSettings(token_delay=1.0))
+    server.start()
+    run_id = start_run(server)
+    response = open_stream(server, run_id)
+    first = next(iter_frames(response))
+
+    started = time.monotonic()
+    server.stop()
+
+    assert first.event == "run_started"
+    assert time.monotonic() - started < 5.0
+    response.close()
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"{server.url}/_stub/runs", timeout=(1.0, 1.0))
+
+
+def test_module_runs_as_its_own_process_configured_from_env() -> None:
+    env = {**os.environ, "STUB_AUTH_TOKEN": "from-env", "STUB_TOKEN_DELAY": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stub_backend", "--port", "0"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        url = line.strip().rsplit(" ", 1)[-1]
+        assert url.startswith("http://127.0.0.1:"), line
+        body = run_body()
+
+        def reachable() -> bool:
+            try:
+                requests.get(f"{url}/_stub/runs", timeout=(0.5, 1.0))
+            except requests.exceptions.ConnectionError:
+                return False
+            return True
+
+        wait_until(reachable)
+        denied = requests.post(f"{url}/runs", json=body, timeout=TIMEOUT)
+        allowed = requests.post(
+            f"{url}/runs", json=body, headers={"Authorization": "Bearer from-env"}, timeout=TIMEOUT
+        )
+        assert denied.status_code == 401
+        assert allowed.status_code == 202
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) in (0, -signal.SIGTERM)
+        if process.stdout is not None:
+            process.stdout.close()

@@ -1,0 +1,326 @@
+"""How the task ends a turn: retried to success, or one ``error`` event with nothing saved.
+
+Faults are injected by the stub backend on a real socket; the worker is a real process. The
+worker's settings (tests/conftest.py) allow 2 retries and 2 stream reconnects, with short delays.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.result import AsyncResult
+
+from config.celery import TURN_TASK_NAME
+from config.settings import Settings
+from tests.conftest import (
+    ROOT,
+    RunningWorker,
+    StubControl,
+    answer_of,
+    base_settings,
+    make_turn,
+    settings_env,
+)
+from worker.client import submit_turn
+from worker.tasks import retry_delay
+
+EXPECTED_ANSWER = "[turn 1] You said: hi."
+
+
+def submit_and_wait(turn: dict[str, Any], listen: Any, producer_app: Any,
+                    worker: RunningWorker, timeout: float = 20.0) -> list[dict[str, Any]]:
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=worker.settings)
+    return listener.wait_for_end(timeout)
+
+
+def send_raw_and_wait(kwargs: dict[str, Any], message_id: str | None, listen: Any,
+                      producer_app: Any, worker: RunningWorker) -> tuple[Any, list[dict]]:
+    """Enqueue without the helper's validation, as a careless web tier would."""
+    listener = listen(message_id) if message_id else None
+    result = producer_app.send_task(TURN_TASK_NAME, kwargs=kwargs, queue=worker.settings.queue)
+    events = listener.wait_for_end() if listener else []
+    return result, events
+
+
+def assert_single_end(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    ends = [event for event in events if event["event"] in ("message_end", "error")]
+    assert [event["event"] for event in ends] == [kind], events
+    assert events[-1] is ends[0], "nothing may follow the end of a turn"
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    return ends[0]
+
+
+def assert_nothing_saved(worker: RunningWorker, turn: dict[str, Any]) -> None:
+    assert worker.store.get_snapshot(turn["conversation_id"]) is None
+    message = worker.store.get_message(turn["message_id"])
+    assert message is not None and message.status == "failed"
+    assert message.answer is None
+
+
+# Retried to success ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_create_answering_5xx_or_429_is_retried_to_success(
+    status: int, celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], create=[{"status": status}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert assert_single_end(events, "message_end")["answer"] == EXPECTED_ANSWER
+    assert answer_of(events) == EXPECTED_ANSWER
+    assert stub.create_calls(turn["message_id"]) == 2
+    assert len(stub.runs(turn["message_id"])) == 1
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert message is not None and message.status == "succeeded" and message.attempts == 2
+
+
+def test_dropped_stream_resumes_from_last_event_id_without_a_second_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], stream=[{"drop_after": 4}, {"drop_after": 2}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert assert_single_end(events, "message_end")["answer"] == EXPECTED_ANSWER
+    assert [event["event"] for event in events].count("message_replace") == 0
+    assert "".join(e["answer"] for e in events if e["event"] == "agent_message") == EXPECTED_ANSWER
+    [run] = stub.runs(turn["message_id"])
+    assert run["sse_connections"] == 3
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert message is not None and message.attempts == 1
+
+
+def test_stalled_stream_is_resumed_after_the_read_timeout(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], stream=[{"stall_after": 3, "stall_seconds": 30}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert assert_single_end(events, "message_end")["answer"] == EXPECTED_ANSWER
+    assert len(stub.runs(turn["message_id"])) == 1
+
+
+def test_stream_lost_beyond_reconnects_is_retried_by_reattaching_to_the_same_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], stream=[{"drop_after": 4}] + [{"drop_after": 0}] * 2)
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    end = assert_single_end(events, "message_end")
+    assert end["answer"] == EXPECTED_ANSWER
+    assert answer_of(events) == EXPECTED_ANSWER
+    assert "message_replace" in [event["event"] for event in events], (
+        "the retry restarts the text, so the client must be told to reset"
+    )
+    assert len(stub.runs(turn["message_id"])) == 1
+    assert stub.create_calls(turn["message_id"]) == 1
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert message is not None and message.attempts == 2 and message.status == "succeeded"
+
+
+def test_transient_run_failure_is_retried_with_a_new_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"],
+              fail={"reason": "InvokeRateLimitError", "error": "slow down", "after_tokens": 2,
+                    "times": 1})
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert assert_single_end(events, "message_end")["answer"] == EXPECTED_ANSWER
+    assert answer_of(events) == EXPECTED_ANSWER
+    runs = stub.runs(turn["message_id"])
+    assert len(runs) == 2
+    assert [run["request"]["idempotency_key"] for run in runs] == [
+        f"agent-turn:{turn['message_id']}:1", f"agent-turn:{turn['message_id']}:2"]
+
+
+# Failed for good ---------------------------------------------------------------------------
+
+
+def test_transient_failures_past_the_retry_budget_end_in_one_error_event(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], fail={"reason": "InvokeServerUnavailableError",
+                                        "error": "overloaded"})
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "model_temporarily_unavailable"
+    assert error["status"] == 503
+    assert "overloaded" in error["message"]
+    assert len(stub.runs(turn["message_id"])) == celery_worker.settings.max_retries + 1
+    assert_nothing_saved(celery_worker, turn)
+
+
+@pytest.mark.parametrize("reason", ["InvokeBadRequestError", "InvokeAuthorizationError",
+                                    "CredentialsValidateFailedError", None])
+def test_permanent_run_failure_is_not_retried(
+    reason: str | None, celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], fail={"reason": reason, "error": "no such model"})
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "model_error"
+    assert len(stub.runs(turn["message_id"])) == 1
+    assert_nothing_saved(celery_worker, turn)
+
+
+@pytest.mark.parametrize("status", [422, 401, 400])
+def test_create_rejected_with_4xx_fails_at_once(
+    status: int, celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], create=[{"status": status, "body": {"detail": "nope"}}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "run_rejected"
+    assert str(status) in error["message"]
+    assert stub.create_calls(turn["message_id"]) == 1
+    assert_nothing_saved(celery_worker, turn)
+
+
+def test_undecodable_frame_fails_at_once_without_saving(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], stream=[{"garbage_after": 3}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "backend_protocol_error"
+    assert [run["sse_connections"] for run in stub.runs(turn["message_id"])] == [1]
+    assert_nothing_saved(celery_worker, turn)
+
+
+def test_error_event_names_the_run_and_message(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], fail={"reason": "InvokeBadRequestError", "error": "bad"})
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    [run] = stub.runs(turn["message_id"])
+    message = events[-1]["message"]
+    assert run["run_id"] in message and turn["message_id"] in message
+
+
+# Bad payloads ------------------------------------------------------------------------------
+
+
+def test_payload_with_unknown_field_gets_an_error_event_and_no_backend_call(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(surprise=True)
+    result, events = send_raw_and_wait({"turn": turn}, turn["message_id"], listen,
+                                       producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "invalid_param"
+    assert error["status"] == 400
+    assert "surprise" in error["message"]
+    assert stub.create_calls(turn["message_id"]) == 0
+    assert celery_worker.store.get_message(turn["message_id"]) is None
+    assert _final_state(result) == "FAILURE"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"turn": make_turn(query="")},
+    {"turn": make_turn(query=42)},
+    {"turn": make_turn(query="x" * 40_000)},
+    {"turn": make_turn(), "extra": 1},
+])
+def test_invalid_payloads_are_rejected_with_an_error_event(
+    kwargs: dict[str, Any], celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any
+) -> None:
+    message_id = kwargs["turn"]["message_id"]
+    result, events = send_raw_and_wait(kwargs, message_id, listen, producer_app, celery_worker)
+
+    assert assert_single_end(events, "error")["code"] == "invalid_param"
+    assert stub.create_calls(message_id) == 0
+    assert _final_state(result) == "FAILURE"
+
+
+def test_payload_without_a_usable_message_id_fails_the_task_without_retry(
+    celery_worker: RunningWorker, stub: StubControl, producer_app: Any
+) -> None:
+    result, _ = send_raw_and_wait({"turn": make_turn(message_id="not a valid id!")}, None, None,
+                                  producer_app, celery_worker)
+
+    assert _final_state(result) == "FAILURE"
+    assert "message_id" in str(result.result)
+    assert result.retries in (0, None)
+    assert stub.runs() == []
+
+
+def test_redelivered_succeeded_turn_re_emits_its_end_without_a_new_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert [event["event"] for event in events] == ["message_end"]
+    assert events[0]["answer"] == EXPECTED_ANSWER
+    assert len(stub.runs(turn["message_id"])) == 1
+
+
+def test_retry_delay_grows_exponentially_within_its_cap() -> None:
+    settings = Settings(retry_backoff_base=1.0, retry_backoff_max=8.0)
+    for retries_done, ceiling in [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (10, 8.0)]:
+        delays = [retry_delay(retries_done, settings) for _ in range(200)]
+        assert all(0 <= delay <= ceiling for delay in delays)
+        assert max(delays) > ceiling / 2, "full jitter should use the whole range"
+
+
+def _final_state(result: Any, timeout: float = 20.0) -> str:
+    async_result: AsyncResult = result
+    try:
+        async_result.get(timeout=timeout, propagate=False)
+    except Exception as exc:  # the wait itself timed out
+        raise AssertionError(f"task {result.id} did not finish: {exc}") from exc
+    return async_result.state
+
+
+def test_worker_refuses_to_start_with_a_broken_composition_template(tmp_path: Path) -> None:
+    template = tmp_path / "composition.json"
+    template.write_text('{"schema_version": 1, "layers": [{"name": "llm", "type": "x"}]}')
+    settings = base_settings(composition_template=template, queue=f"unused-{tmp_path.name}")
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "WARNING",
+         "--without-mingle", "--without-gossip"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+    assert finished.returncode != 0
+    assert "no layer carries {{query}}" in finished.stderr
+    assert str(template) in finished.stderr
