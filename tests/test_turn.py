@@ -1,0 +1,181 @@
+"""One attempt at a turn, run in-process against real Redis, SQLite and the stub backend.
+
+These cover what the worker-process tests cannot steer precisely: races between turns of one
+conversation, limits, cancellation and what a retry attempt tells the client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stub_backend import StubServer
+from tests.conftest import (
+    StubControl,
+    TurnListener,
+    answer_of,
+    base_settings,
+    make_turn,
+    sqlite_url,
+)
+from worker.errors import ProtocolViolation, RunCancelled, SnapshotConflict
+from worker.payload import parse_turn
+from worker.turn import TurnServices, run_turn
+
+ServicesFactory = Callable[..., TurnServices]
+
+
+@pytest.fixture
+def make_services(stub_server: StubServer, tmp_path: Path) -> Iterator[ServicesFactory]:
+    made: list[TurnServices] = []
+
+    def make(**overrides: Any) -> TurnServices:
+        settings = base_settings(database_url=sqlite_url(tmp_path), backend_url=stub_server.url,
+                                 **overrides)
+        services = TurnServices.from_settings(settings)
+        made.append(services)
+        return services
+
+    yield make
+    for services in made:
+        services.backend.close()
+        services.store.engine.dispose()
+
+
+def attempt(services: TurnServices, turn: dict[str, Any]) -> Any:
+    return run_turn(parse_turn(turn, services.settings), task_id="task-1", services=services)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_a_successful_attempt_returns_a_summary_without_the_answer_text(
+    make_services: ServicesFactory, stub: StubControl
+) -> None:
+    outcome = attempt(make_services(), make_turn())
+
+    summary = outcome.summary()
+    assert summary["status"] == "succeeded"
+    assert summary["answer_chars"] == len("[turn 1] You said: hi.")
+    assert "answer" not in summary
+    assert summary["run_id"] == stub.runs()[0]["run_id"]
+
+
+def test_an_oversize_answer_is_refused_and_nothing_is_saved(
+    make_services: ServicesFactory, stub: StubControl, listen: Callable[[str], TurnListener]
+) -> None:
+    services = make_services(max_answer_chars=50)
+    turn = make_turn()
+    stub.plan(turn["message_id"], answer_tokens=40)
+
+    with pytest.raises(ProtocolViolation, match="exceeds 50 characters") as raised:
+        attempt(services, turn)
+
+    assert raised.value.run_id == stub.runs(turn["message_id"])[0]["run_id"]
+    assert services.store.get_snapshot(turn["conversation_id"]) is None
+    message = services.store.get_message(turn["message_id"])
+    assert message is not None and message.status == "running" and message.answer is None
+
+
+def test_a_turn_that_lost_the_race_for_the_snapshot_saves_nothing(
+    make_services: ServicesFactory, stub: StubControl
+) -> None:
+    services = make_services()
+    slow = make_turn(query="slow")
+    fast = make_turn(conversation_id=slow["conversation_id"], query="fast")
+    stub.plan(slow["message_id"], token_delay=0.05, answer_tokens=20)
+    failures: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(failures, attempt, services, slow))
+    thread.start()
+    wait_until(lambda: bool(stub.runs(slow["message_id"])))
+    attempt(services, fast)
+    thread.join(timeout=20)
+
+    assert not thread.is_alive()
+    assert [type(exc) for exc in failures] == [SnapshotConflict]
+    saved = services.store.get_snapshot(slow["conversation_id"])
+    assert saved is not None and saved.version == 1 and saved.last_message_id == fast["message_id"]
+    slow_message = services.store.get_message(slow["message_id"])
+    assert slow_message is not None and slow_message.status != "succeeded"
+
+
+def test_a_snapshot_from_another_composition_is_not_sent_back(
+    make_services: ServicesFactory, stub: StubControl, tmp_path: Path
+) -> None:
+    services = make_services()
+    first = make_turn()
+    attempt(services, first)
+    template = tmp_path / "three-layers.json"
+    template.write_text(
+        '{"schema_version": 1, "layers": ['
+        '{"name": "prompt", "type": "plain.prompt", "config": {"user": "{{query}}"}},'
+        '{"name": "history", "type": "pydantic_ai.history"},'
+        '{"name": "llm", "type": "dify.plugin.llm", "config": {"model": "{{model}}"}}]}'
+    )
+    changed = make_services(composition_template=template)
+    second = make_turn(conversation_id=first["conversation_id"])
+
+    attempt(changed, second)
+
+    [run] = stub.runs(second["message_id"])
+    assert run["request"]["session_snapshot"] is None
+    assert [layer["name"] for layer in run["request"]["composition"]["layers"]] == [
+        "prompt", "history", "llm"]
+    assert changed.store.get_snapshot(first["conversation_id"]).version == 2
+
+
+def test_a_retry_after_published_text_first_tells_the_client_to_reset(
+    make_services: ServicesFactory, stub: StubControl, listen: Callable[[str], TurnListener]
+) -> None:
+    services = make_services()
+    turn = make_turn()
+    stub.plan(turn["message_id"], fail={"reason": "InvokeRateLimitError", "after_tokens": 3,
+                                        "times": 1})
+    listener = listen(turn["message_id"])
+
+    with pytest.raises(Exception, match="InvokeRateLimitError"):
+        attempt(services, turn)
+    attempt(services, turn)
+    events = listener.wait_for_end()
+
+    kinds = [event["event"] for event in events]
+    first_replace = kinds.index("message_replace")
+    assert events[first_replace]["answer"] == ""
+    assert "agent_message" in kinds[:first_replace], "the failed attempt had published text"
+    assert answer_of(events) == "[turn 1] You said: hi."
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+
+
+def test_a_run_cancelled_by_the_backend_ends_the_attempt(
+    make_services: ServicesFactory, stub: StubControl
+) -> None:
+    services = make_services()
+    turn = make_turn()
+    stub.plan(turn["message_id"], token_delay=0.05, answer_tokens=100)
+    failures: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(failures, attempt, services, turn))
+    thread.start()
+    wait_until(lambda: bool(stub.runs(turn["message_id"])))
+
+    assert services.backend.cancel_run(stub.runs(turn["message_id"])[0]["run_id"])
+    thread.join(timeout=20)
+
+    assert [type(exc) for exc in failures] == [RunCancelled]
+    assert services.store.get_snapshot(turn["conversation_id"]) is None
+
+
+def _capture(failures: list[BaseException], function: Callable[..., Any], *args: Any) -> None:
+    try:
+        function(*args)
+    except BaseException as exc:
+        failures.append(exc)
