@@ -1,7 +1,8 @@
 """Shared fixtures: real Redis, real databases, the stub backend on a socket, a real worker.
 
-Isolation: tests use Redis databases 10-12 (flushed per test) and a Celery queue of their own, a
-fresh SQLite file or PostgreSQL schema per worker, so a developer's running stack is left alone.
+Isolation: tests use Redis databases 10-12 (the pub/sub one flushed per test), a Celery queue of
+their own, a fresh SQLite file or PostgreSQL schema per worker, so a developer's running stack is
+left alone.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TEST_QUEUE = f"agent_turns_test_{uuid.uuid4().hex[:8]}"
+# Three Redis databases (broker, results, pub/sub) from this one on; two test runs at once on one
+# Redis (two checkouts, say) need different values of AGENT_TURN_TEST_REDIS_DB.
+BROKER_DB = int(os.environ.get("AGENT_TURN_TEST_REDIS_DB", "10"))
+RESULT_DB, PUBSUB_DB = BROKER_DB + 1, BROKER_DB + 2
 WAIT_SECONDS = 20.0
 
 
@@ -63,9 +68,9 @@ def _services_up() -> None:
 def base_settings(**overrides: Any) -> Settings:
     """Settings for tests: isolated Redis databases and queue, quick retries and time-outs."""
     values: dict[str, Any] = {
-        "broker_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/10",
-        "result_backend": f"redis://{REDIS_HOST}:{REDIS_PORT}/11",
-        "pubsub_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/12",
+        "broker_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}",
+        "result_backend": f"redis://{REDIS_HOST}:{REDIS_PORT}/{RESULT_DB}",
+        "pubsub_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/{PUBSUB_DB}",
         "queue": TEST_QUEUE,
         "backend_read_timeout": 2.0,
         "backend_connect_timeout": 2.0,
@@ -102,7 +107,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=12, socket_timeout=5)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=PUBSUB_DB, socket_timeout=5)
     client.flushdb()
     yield client
     client.close()
@@ -330,7 +335,7 @@ def celery_worker(request: pytest.FixtureRequest, stub_server: StubServer,
     else:
         url, drop = new_postgres_schema()
     settings = base_settings(database_url=url, backend_url=stub_server.url)
-    purge = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=10)
+    purge = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
     purge.delete(settings.queue)
     purge.close()
     log_path = directory / "worker.log"

@@ -14,7 +14,7 @@ from celery import Celery
 
 from config.celery import TURN_TASK_NAME, celery_config
 from config.settings import Settings
-from tests.conftest import REDIS_HOST, REDIS_PORT, base_settings, make_turn
+from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings, make_turn
 from worker.client import prepare_turn, submit_turn
 from worker.errors import InvalidTurnPayload
 
@@ -27,7 +27,7 @@ def queue_settings() -> Settings:
 
 @pytest.fixture
 def broker(queue_settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=10, socket_timeout=5)
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB, socket_timeout=5)
     yield client
     client.delete(queue_settings.queue)
     client.close()
