@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from worker.errors import SnapshotConflict, TurnStoreUnavailable
+from worker.errors import AgentBackendError, SnapshotConflict, TurnStoreUnavailable
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 
@@ -137,7 +137,13 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TurnStoreUnavailable(
+                    f"session store error: cannot create the folder of {url.database}: "
+                    f"{exc.strerror}"
+                ) from exc
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 30},
@@ -177,7 +183,7 @@ class SessionStore:
     def _translate_errors(self, message_id: str | None = None) -> Iterator[None]:
         try:
             yield
-        except SnapshotConflict:
+        except AgentBackendError:
             raise
         except IntegrityError as exc:
             raise SnapshotConflict(
@@ -252,13 +258,17 @@ class SessionStore:
                 self._replace_snapshot(session, conversation_id, tenant_id, app_id,
                                        expected_version, snapshot, layer_names, message_id)
             now = _now()
-            session.execute(
+            result = session.execute(
                 update(AssistantMessage)
                 .where(AssistantMessage.message_id == message_id)
                 .values(status=MessageStatus.SUCCEEDED, answer=answer, usage=usage,
                         run_id=run_id, error=None, error_code=None, updated_at=now,
                         finished_at=now)
             )
+            if result.rowcount != 1:
+                # Raising inside the transaction rolls the snapshot back with it.
+                raise AgentBackendError("the turn's message row is missing; nothing saved",
+                                        message_id=message_id, run_id=run_id)
 
     @staticmethod
     def _replace_snapshot(session: Session, conversation_id: str, tenant_id: str, app_id: str,

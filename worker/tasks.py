@@ -50,8 +50,17 @@ def retry_delay(retries_done: int, settings: Settings) -> float:
           max_retries=None)
 def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -> dict[str, Any]:
     settings = get_settings()
-    services = get_services(settings)
     task_id = self.request.id
+    try:
+        services = get_services(settings)
+    except AgentBackendError as exc:
+        # Without a store or a bus nothing can be recorded or published; the broker keeps the
+        # turn while there are retries left.
+        log.error("turn task %s cannot reach its services: %s", task_id, exc)
+        if exc.retryable and self.request.retries < settings.max_retries:
+            delay = retry_delay(self.request.retries, settings)
+            raise self.retry(exc=exc, countdown=delay) from exc
+        raise
     try:
         if args or unexpected:
             names = sorted(unexpected) + (["positional arguments"] if args else [])

@@ -1,0 +1,533 @@
+"""Publishing a turn's events on real Redis pub/sub: framing, coalescing and the seq counter.
+
+Every test subscribes before anything is published and reads with bounded waits.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import string
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from config.settings import Settings
+from worker.errors import EventBusUnavailable
+from worker.publisher import EventBus, TurnIds
+
+READ_TIMEOUT = 5.0
+LONG_WINDOW_MS = 60_000.0  # longer than any test: nothing is flushed by the window
+
+
+def new_ids() -> TurnIds:
+    return TurnIds(task_id=f"task-{uuid.uuid4().hex[:8]}",
+                   message_id=f"msg-{uuid.uuid4().hex[:12]}",
+                   conversation_id=f"conv-{uuid.uuid4().hex[:12]}")
+
+
+class Channel:
+    """A subscription to one turn's channel, read with bounded waits."""
+
+    def __init__(self, pubsub: Any) -> None:
+        self.pubsub = pubsub
+
+    def next(self, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.pubsub.get_message(ignore_subscribe_messages=True,
+                                              timeout=remaining)
+            if message is not None:
+                event: dict[str, Any] = json.loads(message["data"])
+                return event
+        raise AssertionError(f"nothing published within {timeout}s")
+
+    def take(self, count: int, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        return [self.next(max(0.01, deadline - time.monotonic())) for _ in range(count)]
+
+    def until(self, event_name: str, timeout: float = READ_TIMEOUT) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        events = [self.next(max(0.01, deadline - time.monotonic()))]
+        while events[-1]["event"] != event_name:
+            events.append(self.next(max(0.01, deadline - time.monotonic())))
+        return events
+
+    def quiet_for(self, seconds: float) -> list[dict[str, Any]]:
+        """Whatever else arrives within ``seconds`` (usually asserted to be nothing)."""
+        deadline = time.monotonic() + seconds
+        extra = []
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.pubsub.get_message(ignore_subscribe_messages=True,
+                                              timeout=remaining)
+            if message is not None:
+                extra.append(json.loads(message["data"]))
+        return extra
+
+
+@pytest.fixture
+def make_bus(redis_client: redis.Redis, settings: Settings) -> Callable[..., EventBus]:
+    def build(window_ms: float = 20.0, max_chars: int = 512, **kwargs: Any) -> EventBus:
+        return EventBus(redis_client, channel_for=settings.channel_for,
+                        coalesce_window_ms=window_ms, coalesce_max_chars=max_chars, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def subscribe(redis_client: redis.Redis,
+              settings: Settings) -> Iterator[Callable[[TurnIds], Channel]]:
+    opened: list[Any] = []
+
+    def open_channel(ids: TurnIds) -> Channel:
+        pubsub = redis_client.pubsub()
+        pubsub.subscribe(settings.channel_for(ids.message_id))
+        confirmation = pubsub.get_message(timeout=READ_TIMEOUT)
+        assert confirmation is not None and confirmation["type"] == "subscribe"
+        opened.append(pubsub)
+        return Channel(pubsub)
+
+    yield open_channel
+    for pubsub in opened:
+        pubsub.close()
+
+
+def answers(events: list[dict[str, Any]]) -> list[str]:
+    return [event["answer"] for event in events if event["event"] == "agent_message"]
+
+
+# Framing and coalescing ---------------------------------------------------------------------
+
+
+def test_the_first_delta_is_published_at_once_as_agent_message(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    before = int(time.time())
+    publisher.delta("Héllo 👋")
+    event = channel.next(timeout=2.0)
+
+    assert event == {
+        "event": "agent_message",
+        "task_id": ids.task_id,
+        "message_id": ids.message_id,
+        "conversation_id": ids.conversation_id,
+        "created_at": event["created_at"],
+        "answer": "Héllo 👋",
+        "seq": 1,
+    }
+    assert before <= event["created_at"] <= int(time.time())
+    assert (publisher.chunks_published, publisher.chars_published) == (1, len("Héllo 👋"))
+
+
+def test_later_deltas_within_the_window_are_coalesced_into_one_message(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=300.0).turn(ids)
+
+    for token in ["The", " quick", " brown", " fox"]:
+        publisher.delta(token)
+    first, coalesced = channel.take(2)
+
+    assert (first["answer"], first["seq"]) == ("The", 1)
+    assert (coalesced["event"], coalesced["answer"], coalesced["seq"]) == (
+        "agent_message", " quick brown fox", 2)
+    assert channel.quiet_for(0.4) == []
+    assert publisher.chunks_published == 2
+
+
+def test_empty_deltas_publish_nothing(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    bus = make_bus(window_ms=0)
+    publisher = bus.turn(ids)
+
+    publisher.delta("")
+    publisher.flush()
+
+    assert channel.quiet_for(0.2) == []
+    assert bus.last_seq(ids.message_id) == 0
+
+
+def test_the_buffer_is_flushed_by_size_without_waiting_for_the_window(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS, max_chars=10).turn(ids)
+
+    publisher.delta("a")
+    publisher.delta("12345")
+    publisher.delta("6789")  # 9 buffered: below the bound
+    first = channel.next(timeout=2.0)
+    assert channel.quiet_for(0.2) == []
+    publisher.delta("0!")  # 11 buffered: over the bound
+    flushed = channel.next(timeout=2.0)
+
+    assert (first["answer"], flushed["answer"], flushed["seq"]) == ("a", "1234567890!", 2)
+
+
+def test_buffered_text_is_flushed_after_the_window_without_another_delta(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    window = 0.15
+    publisher = make_bus(window_ms=window * 1000).turn(ids)
+
+    publisher.delta("Let me think")
+    channel.next(timeout=2.0)
+    buffered_at = time.monotonic()
+    publisher.delta(" about that")  # the model pauses here: no further delta, no end
+    flushed = channel.next(timeout=window + 3.0)
+    waited = time.monotonic() - buffered_at
+
+    assert (flushed["answer"], flushed["seq"]) == (" about that", 2)
+    assert waited >= window * 0.9
+
+
+def test_a_window_of_zero_publishes_every_delta(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=0).turn(ids)
+    tokens = ["one", " two", " three", " four", " five"]
+
+    for token in tokens:
+        publisher.delta(token)
+    events = channel.take(len(tokens))
+
+    assert answers(events) == tokens
+    assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
+    assert channel.quiet_for(0.2) == []
+
+
+def test_the_scheduler_serves_many_turns_with_their_own_windows(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    fast_bus, slow_bus = make_bus(window_ms=50), make_bus(window_ms=400)
+    fast_ids, slow_ids = new_ids(), new_ids()
+    fast_channel, slow_channel = subscribe(fast_ids), subscribe(slow_ids)
+    fast, slow = fast_bus.turn(fast_ids), slow_bus.turn(slow_ids)
+
+    slow.delta("s1")
+    fast.delta("f1")
+    slow.delta("s2")  # due in 400 ms
+    fast.delta("f2")  # due in 50 ms: must not wait behind the slow turn
+    fast_events = fast_channel.take(2, timeout=3.0)
+    slow_first = slow_channel.next()
+    fast_done_at = time.monotonic()
+    slow_second = slow_channel.next(timeout=3.0)
+
+    assert answers(fast_events) == ["f1", "f2"]
+    assert (slow_first["answer"], slow_second["answer"]) == ("s1", "s2")
+    assert time.monotonic() - fast_done_at > 0.1  # the slow window really was longer
+
+
+# Sequence numbers ---------------------------------------------------------------------------
+
+
+def test_seq_has_no_gaps_across_a_whole_turn_and_continues_after_a_retry(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    first_attempt = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    first_attempt.delta("Hello")
+    first_attempt.delta(" wor")
+    first_attempt.error(status=503, code="stream_interrupted", message="the stream broke")
+    # A retry in another worker process: a new bus and a new publisher for the same message.
+    retry_bus = make_bus(window_ms=LONG_WINDOW_MS)
+    assert retry_bus.last_seq(ids.message_id) == 2
+    retry = retry_bus.turn(ids)
+    retry.replace("")
+    retry.delta("Hello")
+    retry.delta(" world")
+    retry.end("Hello world", {"usage": {"total_tokens": 3}})
+    events = channel.until("message_end")
+
+    assert [(event["event"], event["seq"]) for event in events] == [
+        ("agent_message", 1),
+        ("error", 2),
+        ("message_replace", 3),
+        ("agent_message", 4),
+        ("agent_message", 5),
+        ("message_end", 6),
+    ]
+    assert retry_bus.last_seq(ids.message_id) == 6
+    assert channel.quiet_for(0.2) == []
+
+
+def test_last_seq_of_a_turn_that_never_published_is_zero(
+    make_bus: Callable[..., EventBus],
+) -> None:
+    assert make_bus().last_seq(f"msg-{uuid.uuid4().hex}") == 0
+
+
+def test_turns_count_seq_independently(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    bus = make_bus(window_ms=0)
+    first_ids, second_ids = new_ids(), new_ids()
+    first_channel, second_channel = subscribe(first_ids), subscribe(second_ids)
+
+    bus.turn(first_ids).delta("a")
+    bus.turn(first_ids).delta("b")
+    bus.turn(second_ids).delta("c")
+
+    assert [event["seq"] for event in first_channel.take(2)] == [1, 2]
+    second = second_channel.next()
+    assert (second["seq"], second["message_id"]) == (1, second_ids.message_id)
+    assert first_channel.quiet_for(0.1) == []
+
+
+def test_the_seq_counter_expires(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    bus = make_bus(window_ms=0, state_ttl_seconds=120)
+    ids = new_ids()
+
+    bus.turn(ids).delta("x")
+
+    ttl = redis_client.ttl(bus.seq_key(ids.message_id))
+    assert 0 < ttl <= 120
+    assert int(redis_client.get(bus.seq_key(ids.message_id))) == 1
+
+
+# End, replace, error ------------------------------------------------------------------------
+
+
+def test_end_flushes_buffered_deltas_before_message_end(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+    metadata = {"usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                          "total_price": "0.0000650", "currency": "USD"},
+                "run_id": "run-1"}
+
+    publisher.delta("[turn 1]")
+    publisher.delta(" You said:")
+    publisher.delta(" hi.")
+    publisher.end("[turn 1] You said: hi.", metadata)
+    events = channel.until("message_end")
+
+    assert [event["event"] for event in events] == ["agent_message", "agent_message",
+                                                    "message_end"]
+    assert answers(events) == ["[turn 1]", " You said: hi."]
+    end = events[-1]
+    assert (end["answer"], end["metadata"], end["seq"]) == (
+        "[turn 1] You said: hi.", metadata, 3)
+    assert (end["task_id"], end["message_id"], end["conversation_id"]) == (
+        ids.task_id, ids.message_id, ids.conversation_id)
+    assert channel.quiet_for(0.2) == []
+
+
+def test_replace_drops_buffered_text_and_publishes_message_replace(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    window = 0.1
+    publisher = make_bus(window_ms=window * 1000).turn(ids)
+
+    publisher.delta("Draft")
+    publisher.delta(" that will be thrown away")
+    publisher.replace("The corrected answer.")
+    events = channel.take(2)
+    # The pending window passes: the dropped text must not come back.
+    late = channel.quiet_for(window + 0.3)
+
+    assert [(event["event"], event["answer"], event["seq"]) for event in events] == [
+        ("agent_message", "Draft", 1), ("message_replace", "The corrected answer.", 2)]
+    assert late == []
+
+
+def test_error_publishes_status_code_and_message_and_drops_buffered_text(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    window = 0.1
+    publisher = make_bus(window_ms=window * 1000).turn(ids)
+
+    publisher.delta("Partial")
+    publisher.delta(" answer")
+    publisher.error(status=400, code="model_error", message="Rate limit: «try later»")
+    events = channel.take(2)
+    late = channel.quiet_for(window + 0.3)
+
+    assert events[0]["answer"] == "Partial"
+    assert events[1] == {
+        "event": "error",
+        "task_id": ids.task_id,
+        "message_id": ids.message_id,
+        "conversation_id": ids.conversation_id,
+        "created_at": events[1]["created_at"],
+        "status": 400,
+        "code": "model_error",
+        "message": "Rate limit: «try later»",
+        "seq": 2,
+    }
+    assert late == []
+
+
+def test_a_long_random_token_stream_arrives_whole_and_in_order(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=3, max_chars=64).turn(ids)
+    rng = random.Random(20240611)
+    alphabet = string.ascii_letters + string.digits + " .,;\n\"\\{}" + "äöü日本語🚀—"
+    tokens = ["".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(3000)]
+    text = "".join(tokens)
+
+    for position, token in enumerate(tokens):
+        publisher.delta(token)
+        if position % 250 == 0:
+            time.sleep(0.005)  # a model pausing mid-answer lets the window flush
+    publisher.end(text, {})
+    events = channel.until("message_end", timeout=15.0)
+
+    deltas = [event for event in events if event["event"] == "agent_message"]
+    assert "".join(event["answer"] for event in deltas) == text
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    assert 1 < len(deltas) < len(tokens)  # coalesced, yet streamed
+    assert all(len(event["answer"]) <= 64 + 12 for event in deltas)
+    assert (publisher.chunks_published, publisher.chars_published) == (len(deltas), len(text))
+    assert events[-1]["answer"] == text
+
+
+# Redis down ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def dead_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, socket_timeout=1)
+    yield client
+    client.close()
+
+
+def test_publishing_to_a_redis_that_is_down_is_event_bus_unavailable(
+    dead_redis: redis.Redis, settings: Settings,
+) -> None:
+    bus = EventBus(dead_redis, channel_for=settings.channel_for, coalesce_window_ms=0)
+    ids = new_ids()
+    publisher = bus.turn(ids)
+
+    for publish in (lambda: publisher.delta("hello"),
+                    lambda: publisher.end("hello", {}),
+                    lambda: publisher.error(status=503, code="x", message="y")):
+        with pytest.raises(EventBusUnavailable) as caught:
+            publish()
+        assert caught.value.retryable
+        assert caught.value.code == "event_bus_unavailable"
+        assert caught.value.message_id == ids.message_id
+
+
+def test_reading_the_counter_of_a_redis_that_is_down_is_event_bus_unavailable(
+    dead_redis: redis.Redis, settings: Settings,
+) -> None:
+    bus = EventBus(dead_redis, channel_for=settings.channel_for)
+
+    with pytest.raises(EventBusUnavailable) as caught:
+        bus.last_seq("msg-1")
+
+    assert caught.value.retryable and caught.value.message_id == "msg-1"
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, so it can be stopped and started mid-turn."""
+
+    def __init__(self, directory: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        try:
+            while True:
+                try:
+                    probe.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_flush_that_failed_in_the_background_is_raised_on_the_next_call(
+    private_redis: PrivateRedis, settings: Settings,
+) -> None:
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_connect_timeout=1,
+                         socket_timeout=1)
+    window = 0.1
+    bus = EventBus(client, channel_for=settings.channel_for, coalesce_window_ms=window * 1000)
+    ids = new_ids()
+    publisher = bus.turn(ids)
+    try:
+        publisher.delta("first")
+        publisher.delta(" buffered")
+        private_redis.stop()
+        # Bounded wait for the scheduler's flush to meet the dead server.
+        deadline = time.monotonic() + window + 5.0
+        while publisher._failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert publisher._failure is not None, "the window passed without a flush attempt"
+        private_redis.start()
+
+        with pytest.raises(EventBusUnavailable) as caught:
+            publisher.delta(" more")  # Redis is back, but the lost flush must not go unnoticed
+        assert caught.value.retryable and caught.value.message_id == ids.message_id
+        # Reported once; after that the publisher works again on the restarted server.
+        publisher.delta(" again")
+        publisher.flush()
+        assert publisher.chunks_published == 2
+    finally:
+        client.close()
