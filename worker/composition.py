@@ -108,6 +108,9 @@ def parse_template(document: Any, *, source: str = "<template>") -> CompositionT
         if missing:
             raise fail(f"layer {layer['name']!r}: deps name unknown layers {missing}")
 
+    for key in _keys(layers):
+        if PLACEHOLDER.search(key):
+            raise fail(f"placeholder in the object key {key!r}: only values can be filled in")
     used: set[str] = set()
     for text, whole in _strings(layers):
         for name in PLACEHOLDER.findall(text):
@@ -122,14 +125,24 @@ def parse_template(document: Any, *, source: str = "<template>") -> CompositionT
     return CompositionTemplate(source=source, layers=tuple(layers))
 
 
+def _keys(node: Any) -> Iterator[str]:
+    """Every object key in a JSON tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from _keys(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _keys(item)
+
+
 def _strings(node: Any) -> Iterator[tuple[str, bool]]:
-    """Every string in a JSON tree, with whether it is exactly one placeholder."""
+    """Every string value in a JSON tree, with whether it is exactly one placeholder."""
     if isinstance(node, str):
         match = PLACEHOLDER.fullmatch(node.strip())
         yield node, match is not None
     elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from _strings(key)
+        for value in node.values():
             yield from _strings(value)
     elif isinstance(node, list):
         for item in node:
@@ -143,7 +156,7 @@ def _fill(node: Any, values: dict[str, Any]) -> Any:
             return values[whole.group(1)]
         return PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), node)
     if isinstance(node, dict):
-        return {_fill(key, values): _fill(value, values) for key, value in node.items()}
+        return {key: _fill(value, values) for key, value in node.items()}
     if isinstance(node, list):
         return [_fill(item, values) for item in node]
     return node

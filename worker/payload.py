@@ -15,7 +15,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from config.settings import Settings
 from worker.errors import InvalidTurnPayload
@@ -32,8 +41,21 @@ ModelName = Annotated[
 ]
 
 
+_DEFAULT_LIMITS = Settings()
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    """The worker's limits, passed in the validation context (defaults when validated bare)."""
+    settings = (info.context or {}).get("settings")
+    return settings if isinstance(settings, Settings) else _DEFAULT_LIMITS
+
+
+def _over_limit(message: str) -> PydanticCustomError:
+    return PydanticCustomError("limit", message)
 
 
 class ModelParameters(_Strict):
@@ -48,6 +70,14 @@ class ModelParameters(_Strict):
         None, max_length=4
     )
 
+    @field_validator("max_tokens")
+    @classmethod
+    def _within_output_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        ceiling = _limits(info).max_output_tokens
+        if value is not None and value > ceiling:
+            raise _over_limit(f"more than {ceiling}")
+        return value
+
     def as_model_settings(self) -> dict[str, Any] | None:
         chosen = self.model_dump(exclude_none=True)
         return chosen or None
@@ -57,6 +87,22 @@ class AgentOptions(_Strict):
     system_prompt: str | None = None
     model: ModelName | None = None
     parameters: ModelParameters = ModelParameters()
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _prompt_within_limit(cls, value: str | None, info: ValidationInfo) -> str | None:
+        ceiling = _limits(info).max_system_prompt_chars
+        if value is not None and len(value) > ceiling:
+            raise _over_limit(f"longer than {ceiling} characters")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_allowed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed = _limits(info).allowed_models
+        if value is not None and allowed and value not in allowed:
+            raise _over_limit(f"{value!r} is not one of the allowed models")
+        return value
 
 
 class TurnPayload(_Strict):
@@ -74,28 +120,24 @@ class TurnPayload(_Strict):
     inputs: dict[str, Any] = Field(default_factory=dict)
     agent: AgentOptions = AgentOptions()
 
+    @field_validator("query")
+    @classmethod
+    def _query_present_and_within_limit(cls, value: str, info: ValidationInfo) -> str:
+        ceiling = _limits(info).max_query_chars
+        if not value.strip():
+            raise _over_limit("must not be empty")
+        if len(value) > ceiling:
+            raise _over_limit(f"longer than {ceiling} characters")
+        return value
 
-def _check_limits(turn: TurnPayload, settings: Settings) -> list[str]:
-    problems: list[str] = []
-    if not turn.query.strip():
-        problems.append("query: must not be empty")
-    elif len(turn.query) > settings.max_query_chars:
-        problems.append(f"query: longer than {settings.max_query_chars} characters")
-    prompt = turn.agent.system_prompt
-    if prompt is not None and len(prompt) > settings.max_system_prompt_chars:
-        problems.append(
-            f"agent.system_prompt: longer than {settings.max_system_prompt_chars} characters"
-        )
-    inputs_size = len(json.dumps(turn.inputs, ensure_ascii=False).encode())
-    if inputs_size > settings.max_inputs_bytes:
-        problems.append(f"inputs: {inputs_size} bytes, more than {settings.max_inputs_bytes}")
-    model = turn.agent.model
-    if model is not None and settings.allowed_models and model not in settings.allowed_models:
-        problems.append(f"agent.model: {model!r} is not one of the allowed models")
-    max_tokens = turn.agent.parameters.max_tokens
-    if max_tokens is not None and max_tokens > settings.max_output_tokens:
-        problems.append(f"agent.parameters.max_tokens: more than {settings.max_output_tokens}")
-    return problems
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_within_limit(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        ceiling = _limits(info).max_inputs_bytes
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > ceiling:
+            raise _over_limit(f"{size} bytes, more than {ceiling}")
+        return value
 
 
 def _describe(exc: ValidationError) -> list[str]:
@@ -115,18 +157,12 @@ def parse_turn(raw: Any, settings: Settings) -> TurnPayload:
     if not isinstance(raw, dict):
         raise InvalidTurnPayload(f"turn payload must be a JSON object, not {type(raw).__name__}")
     try:
-        turn = TurnPayload.model_validate(raw)
+        return TurnPayload.model_validate(raw, context={"settings": settings})
     except ValidationError as exc:
         raise InvalidTurnPayload(
             "invalid turn payload: " + "; ".join(_describe(exc)),
             message_id=valid_message_id(raw),
         ) from None
-    problems = _check_limits(turn, settings)
-    if problems:
-        raise InvalidTurnPayload(
-            "invalid turn payload: " + "; ".join(problems), message_id=turn.message_id
-        )
-    return turn
 
 
 def valid_message_id(raw: Any) -> str | None:

@@ -41,6 +41,8 @@ class SseParser:
         return self._saw_field or bool(self._pending)
 
     def feed(self, chunk: bytes) -> Iterator[SseFrame]:
+        if not chunk:
+            return
         buffer = self._pending + chunk
         start = 0
         if self._skip_lf and buffer.startswith(b"\n"):
