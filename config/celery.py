@@ -3,7 +3,13 @@
 Delivery is at least once: a turn's message is acknowledged only when the task finishes
 (``acks_late``), and a worker that dies mid-turn hands it back (``reject_on_worker_lost``). The
 broker's visibility timeout must stay above the longest turn, or Redis would hand a turn that is
-still running to a second worker; ``TURN_VISIBILITY_TIMEOUT`` is that bound.
+still running to a second worker. The relation, checked by ``Settings``:
+
+    turn deadline + longest retry delay  <  visibility timeout
+
+and a killed worker's turns come back once the visibility timeout has passed, found by a sweep
+every ``unacked_restore_interval_seconds`` of any live worker. A warm shutdown lets turns finish
+(each within its deadline); a cold one hands unacknowledged turns back to the queue at once.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from typing import Any
 from config.settings import Settings
 
 TURN_TASK_NAME = "agent_turn.run_turn"
-TURN_VISIBILITY_TIMEOUT = 2 * 3600
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -21,8 +26,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": TURN_VISIBILITY_TIMEOUT},
-        "result_backend_transport_options": {"visibility_timeout": TURN_VISIBILITY_TIMEOUT},
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "unacked_restore_interval": settings.unacked_restore_interval_seconds,
+            "unacked_restore_throttle": 1,
+        },
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

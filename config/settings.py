@@ -13,11 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_COMPOSITION_TEMPLATE = Path(__file__).resolve().parent / "composition.default.json"
+# Known to everyone who reads this file: a gateway that uses it accepts tokens anyone can mint.
+INSECURE_DEV_GATEWAY_SECRET = "INSECURE-dev-only-gateway-secret-set-AGENT_TURN_GATEWAY_SECRET"
 
 
 class Settings(BaseSettings):
@@ -66,11 +68,44 @@ class Settings(BaseSettings):
     coalesce_window_ms: float = Field(40.0, ge=0)
     coalesce_max_chars: int = Field(512, gt=0)
     turn_state_ttl_seconds: int = Field(24 * 3600, gt=0)
+    # The replay log of a turn (worker/publisher.py): kept this long after each write while the
+    # turn runs, and this long after its message_end or error, for clients that reconnect late.
+    # Capped at turn_state_ttl_seconds, so the seq counter always outlives the log.
+    replay_log_ttl_seconds: int = Field(3600, gt=0)
+    replay_log_ttl_after_end_seconds: int = Field(300, gt=0)
+
+    # The SSE gateway (gateway/, docs/gateway.md). The secret signs stream tokens; its default
+    # is public and only fit for a developer machine (the gateway warns when it runs with it).
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8791, ge=0, le=65535)
+    gateway_secret: SecretStr = SecretStr(INSECURE_DEV_GATEWAY_SECRET)
+    gateway_token_ttl_seconds: int = Field(3600, gt=0)
+    gateway_ping_interval_seconds: float = Field(10.0, gt=0)
+    # A client more than this many live events behind, or whose socket takes no bytes for this
+    # long, is disconnected; it can resume with Last-Event-ID.
+    gateway_client_buffer_events: int = Field(256, gt=0)
+    gateway_send_timeout_seconds: float = Field(30.0, gt=0)
+    gateway_replay_page_size: int = Field(256, gt=0)
+    gateway_subscribe_timeout_seconds: float = Field(5.0, gt=0)
+    gateway_redis_max_connections: int = Field(32, gt=0)
+    gateway_redis_health_check_seconds: float = Field(5.0, gt=0)
 
     # Celery retries of retryable failures: exponential backoff with full jitter.
     max_retries: int = Field(4, ge=0)
     retry_backoff_base: float = Field(1.0, ge=0)
     retry_backoff_max: float = Field(30.0, ge=0)
+
+    # Time limits and turn order. A turn attempt that passes its deadline is cancelled and ends
+    # with an error; the broker's visibility timeout must stay above it, or Redis would hand a
+    # turn that is still running to a second worker (checked below).
+    turn_deadline_seconds: float = Field(600.0, gt=0)
+    visibility_timeout_seconds: float = Field(900.0, gt=0)
+    unacked_restore_interval_seconds: float = Field(30.0, gt=0)
+    # A conversation's lease: how long it outlives a dead worker, and how a waiting turn waits.
+    conversation_lease_seconds: float = Field(30.0, gt=0)
+    conversation_wait_retry_seconds: float = Field(0.5, gt=0)
+    max_conversation_wait_seconds: float = Field(900.0, gt=0)
+    supervisor_tick_seconds: float = Field(0.1, gt=0)
 
     # Worker process.
     worker_concurrency: int = Field(64, gt=0)
@@ -93,6 +128,17 @@ class Settings(BaseSettings):
         if not isinstance(parsed, dict):
             raise ValueError("AGENT_TURN_MODEL_CREDENTIALS must be a JSON object")
         return value
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_a_turn(self) -> Settings:
+        margin = self.retry_backoff_max + 1
+        if self.visibility_timeout_seconds <= self.turn_deadline_seconds + margin:
+            raise ValueError(
+                f"AGENT_TURN_VISIBILITY_TIMEOUT_SECONDS ({self.visibility_timeout_seconds}) must "
+                f"exceed AGENT_TURN_TURN_DEADLINE_SECONDS ({self.turn_deadline_seconds}) plus the "
+                f"longest retry delay ({margin}), or running turns would be delivered twice"
+            )
+        return self
 
     def model_credentials_dict(self) -> dict[str, Any]:
         return json.loads(self.model_credentials.get_secret_value())

@@ -23,7 +23,7 @@ from tests.conftest import (
     make_turn,
     sqlite_url,
 )
-from worker.errors import ProtocolViolation, RunCancelled, SnapshotConflict
+from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, SnapshotConflict
 from worker.payload import parse_turn
 from worker.turn import TurnServices, run_turn
 
@@ -87,8 +87,39 @@ def test_an_oversize_answer_is_refused_and_nothing_is_saved(
     assert message is not None and message.status == "running" and message.answer is None
 
 
-def test_a_turn_that_lost_the_race_for_the_snapshot_saves_nothing(
+def test_a_second_turn_waits_while_its_conversation_is_busy(
     make_services: ServicesFactory, stub: StubControl
+) -> None:
+    services = make_services()
+    first = make_turn(query="first")
+    second = make_turn(conversation_id=first["conversation_id"], query="second")
+    stub.plan(first["message_id"], token_delay=0.02, answer_tokens=20)
+    failures: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(failures, attempt, services, first))
+    thread.start()
+    wait_until(lambda: bool(stub.runs(first["message_id"])))
+
+    with pytest.raises(ConversationBusy) as busy:
+        attempt(services, second)
+
+    assert busy.value.retryable and busy.value.queued_since is not None
+    waiting = services.store.get_message(second["message_id"])
+    assert waiting is not None and (waiting.status, waiting.attempts) == ("queued", 0)
+    assert stub.runs(second["message_id"]) == []
+    thread.join(timeout=20)
+    assert not thread.is_alive() and failures == []
+
+    outcome = attempt(services, second)
+
+    assert outcome.answer == "[turn 2] You said: second."
+    [second_run] = stub.runs(second["message_id"])
+    first_snapshot = stub.runs(first["message_id"])[0]
+    assert second_run["request"]["session_snapshot"] is not None
+    assert first_snapshot["status"] == "succeeded"
+
+
+def test_a_turn_whose_lease_expired_cannot_overwrite_a_newer_snapshot(
+    make_services: ServicesFactory, stub: StubControl, redis_client: Any
 ) -> None:
     services = make_services()
     slow = make_turn(query="slow")
@@ -98,6 +129,8 @@ def test_a_turn_that_lost_the_race_for_the_snapshot_saves_nothing(
     thread = threading.Thread(target=lambda: _capture(failures, attempt, services, slow))
     thread.start()
     wait_until(lambda: bool(stub.runs(slow["message_id"])))
+    # The slow turn's worker "paused" past its lease: the lease is gone, a newer turn runs.
+    redis_client.delete(services.locks.key_for(slow["conversation_id"]))
     attempt(services, fast)
     thread.join(timeout=20)
 

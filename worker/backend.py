@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,6 +29,7 @@ from worker.errors import (
     ProtocolViolation,
     RunRejected,
     StreamInterrupted,
+    TurnInterrupted,
 )
 from worker.sse import SseFrameTooLarge, SseParser
 
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 TERMINAL_EVENT_TYPES = frozenset({"run_succeeded", "run_failed", "run_cancelled"})
 KNOWN_EVENT_TYPES = TERMINAL_EVENT_TYPES | {"run_started", "pydantic_ai_event"}
 START_CURSOR = "0-0"
+
+
+class StreamWatcher(Protocol):
+    """Lets a supervisor interrupt a stream from another thread (see worker.supervisor)."""
+
+    @property
+    def stopped(self) -> bool: ...
+
+    def attach_response(self, response: requests.Response) -> None: ...
+
+    def detach_response(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,13 +211,18 @@ class AgentBackendClient:
             return True
 
     def stream_events(
-        self, run_id: str, *, after: str = START_CURSOR, message_id: str | None = None
+        self,
+        run_id: str,
+        *,
+        after: str = START_CURSOR,
+        message_id: str | None = None,
+        watcher: StreamWatcher | None = None,
     ) -> Iterator[RunEvent]:
         last_event_id = after
         failures_in_a_row = 0
         while True:
             try:
-                for event in self._stream_once(run_id, last_event_id):
+                for event in self._stream_once(run_id, last_event_id, watcher):
                     last_event_id = event.event_id
                     failures_in_a_row = 0
                     yield event
@@ -216,6 +233,9 @@ class AgentBackendClient:
                 why = str(exc)
             except AgentBackendError as exc:
                 raise exc.with_ids(run_id=run_id, message_id=message_id) from None
+            if watcher is not None and watcher.stopped:
+                raise TurnInterrupted("the turn was interrupted while streaming",
+                                      run_id=run_id, message_id=message_id)
             failures_in_a_row += 1
             if failures_in_a_row > self._max_reconnects:
                 raise StreamInterrupted(
@@ -227,7 +247,9 @@ class AgentBackendClient:
                         run_id, why, last_event_id)
             time.sleep(min(self._reconnect_delay * 2 ** (failures_in_a_row - 1), 5.0))
 
-    def _stream_once(self, run_id: str, after: str) -> Iterator[RunEvent]:
+    def _stream_once(
+        self, run_id: str, after: str, watcher: StreamWatcher | None
+    ) -> Iterator[RunEvent]:
         url = f"{self.base_url}/runs/{run_id}/events/sse"
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if after != START_CURSOR:
@@ -241,6 +263,8 @@ class AgentBackendClient:
             if response.status_code >= 500 or response.status_code == 429:
                 raise _Resumable(f"HTTP {response.status_code} on the event stream")
             _raise_for_status(response, "opening the event stream", run_id=run_id)
+            if watcher is not None:
+                watcher.attach_response(response)
             parser = SseParser(self._max_frame_bytes)
             try:
                 for chunk in response.iter_content(chunk_size=None):
@@ -252,8 +276,11 @@ class AgentBackendClient:
                             yield event
             except SseFrameTooLarge as exc:
                 raise ProtocolViolation(str(exc), run_id=run_id) from None
-            except requests.RequestException as exc:
+            except (requests.RequestException, OSError) as exc:
                 raise _Resumable(_why(exc)) from exc
+            finally:
+                if watcher is not None:
+                    watcher.detach_response()
 
 
 class _Resumable(Exception):

@@ -10,16 +10,20 @@ pub/sub delivers only to subscribers present at publish time.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import redis
 from celery import Celery
 
 from config.celery import TURN_TASK_NAME
 from config.settings import Settings, get_settings
 from worker.payload import TurnPayload, parse_turn
+from worker.supervisor import CONTROL_CHANNEL, stop_key
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,11 @@ def submit_turn(
     payload = fields if isinstance(fields, TurnPayload) else prepare_turn(fields, settings)
     if celery_app is None:
         from worker.app import app as celery_app
+    task_id = new_id()
+    _remember_task(settings, task_id=task_id, message_id=payload.message_id)
     result = celery_app.send_task(
-        TURN_TASK_NAME, kwargs={"turn": payload.model_dump(mode="json")}, queue=settings.queue
+        TURN_TASK_NAME, kwargs={"turn": payload.model_dump(mode="json")}, queue=settings.queue,
+        task_id=task_id,
     )
     return SubmittedTurn(
         task_id=result.id,
@@ -63,3 +70,73 @@ def submit_turn(
         conversation_id=payload.conversation_id,
         channel=settings.channel_for(payload.message_id),
     )
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    task_id: str | None
+    message_id: str
+
+
+def stop_turn(
+    *,
+    task_id: str | None = None,
+    message_id: str | None = None,
+    celery_app: Celery | None = None,
+    settings: Settings | None = None,
+) -> StopRequest:
+    """Stop a turn by its task id or message id, whether it is queued or running.
+
+    Three signals, each for a case the others miss: a stop flag in Redis (read by a turn when it
+    starts, so a queued turn ends without calling the backend, even after a worker restart); a
+    message on the control channel (a running turn's worker notices within its supervisor's
+    tick and cancels the backend run); and a Celery revoke (the same path as Flower's revoke).
+    The turn then ends with ``message_end`` and ``status: stopped``.
+    """
+    settings = settings or get_settings()
+    if message_id is None and task_id is None:
+        raise ValueError("stop_turn needs a task_id or a message_id")
+    bus = _bus(settings)
+    if message_id is None:
+        found = bus.get(_message_of(task_id))
+        if found is None:
+            raise LookupError(f"no turn is known for task {task_id}")
+        message_id = found.decode()
+    if task_id is None:
+        found = bus.get(_task_of(message_id))
+        task_id = found.decode() if found is not None else None
+    pipeline = bus.pipeline(transaction=False)
+    pipeline.set(stop_key(message_id), "1", ex=settings.turn_state_ttl_seconds)
+    pipeline.publish(CONTROL_CHANNEL, json.dumps({"stop": message_id}))
+    pipeline.execute()
+    if task_id is not None:
+        if celery_app is None:
+            from worker.app import app as celery_app
+        celery_app.control.revoke(task_id)
+    return StopRequest(task_id=task_id, message_id=message_id)
+
+
+@lru_cache(maxsize=8)
+def _bus_for(url: str) -> redis.Redis:
+    """One pooled client per Redis URL for the life of the producer process."""
+    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
+def _bus(settings: Settings) -> redis.Redis:
+    return _bus_for(settings.pubsub_url)
+
+
+def _task_of(message_id: str) -> str:
+    return f"agent-turn:task-of:{message_id}"
+
+
+def _message_of(task_id: str | None) -> str:
+    return f"agent-turn:message-of:{task_id}"
+
+
+def _remember_task(settings: Settings, *, task_id: str, message_id: str) -> None:
+    """Let ``stop_turn`` find either id from the other."""
+    pipeline = _bus(settings).pipeline(transaction=False)
+    pipeline.set(_task_of(message_id), task_id, ex=settings.turn_state_ttl_seconds)
+    pipeline.set(_message_of(task_id), message_id, ex=settings.turn_state_ttl_seconds)
+    pipeline.execute()

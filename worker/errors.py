@@ -12,6 +12,8 @@ and is treated as permanent, so a client is never left waiting.
     │   │                             event, and resuming from the last event id did not help
     │   ├── TransientRunFailure       run_failed with a transient reason (rate limit, overload)
     │   ├── SnapshotConflict          a newer snapshot of the conversation landed meanwhile
+    │   ├── ConversationBusy          another turn of the conversation is running: wait, then
+    │   │                             run (a wait, not a failure: it spends no retry)
     │   ├── TurnStoreUnavailable      the session store could not be reached
     │   └── EventBusUnavailable       Redis pub/sub could not be reached
     └── PermanentAgentError           never retried: retrying cannot change the outcome
@@ -19,7 +21,10 @@ and is treated as permanent, so a client is never left waiting.
         ├── RunRejected               4xx on create (422 validation, 401/403 auth, 404 …)
         ├── ProtocolViolation         undecodable frame, invalid event, oversize value
         ├── RunFailed                 run_failed with a permanent or unknown reason
-        └── RunCancelled              the backend cancelled the run
+        ├── RunCancelled              the backend cancelled the run
+        ├── TurnTimedOut              the turn passed its overall deadline
+        └── TurnInterrupted           the supervisor stopped the turn (stop or deadline); the
+                                      turn turns it into its stopped end or TurnTimedOut
 
 Why unknown ``run_failed`` reasons are permanent: retrying a model call costs money, and only
 the reasons known to be transient are worth paying for twice.
@@ -27,6 +32,7 @@ the reasons known to be transient are worth paying for twice.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, ClassVar
 
 
@@ -44,6 +50,13 @@ class AgentBackendError(Exception):
         self.message = message
         self.run_id = run_id
         self.message_id = message_id
+        # How many attempts the turn had made when this was raised, where the raiser knows:
+        # the task's retry budget counts attempts that ran, not waits for a busy conversation.
+        self.attempts: int | None = None
+
+    def counting(self, attempts: int) -> AgentBackendError:
+        self.attempts = attempts
+        return self
 
     def with_ids(
         self, *, run_id: str | None = None, message_id: str | None = None
@@ -92,8 +105,18 @@ class TransientRunFailure(RetryableAgentError):
 
 
 class SnapshotConflict(RetryableAgentError):
+    code = "snapshot_conflict"
+    status = 409
+
+
+class ConversationBusy(RetryableAgentError):
     code = "conversation_busy"
     status = 409
+    queued_since: datetime | None = None
+
+    def waiting_since(self, queued_since: datetime) -> ConversationBusy:
+        self.queued_since = queued_since
+        return self
 
 
 class TurnStoreUnavailable(RetryableAgentError):
@@ -137,6 +160,30 @@ class RunCancelled(PermanentAgentError):
     status = 409
 
 
+class TurnTimedOut(PermanentAgentError):
+    code = "turn_timeout"
+    status = 504
+
+
+class TurnInterrupted(PermanentAgentError):
+    code = "turn_interrupted"
+
+    def __init__(self, message: str, *, reason: str | None = None, **ids: Any) -> None:
+        super().__init__(message, **ids)
+        self.reason = reason
+
+
 TRANSIENT_RUN_FAILURE_REASONS = frozenset(
     {"InvokeRateLimitError", "InvokeServerUnavailableError", "InvokeConnectionError"}
 )
+
+
+def status_for_code(code: str) -> int:
+    """The HTTP-like status of an error code, for re-emitting a stored failure."""
+    pending: list[type[AgentBackendError]] = [AgentBackendError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls.status
+        pending.extend(cls.__subclasses__())
+    return AgentBackendError.status

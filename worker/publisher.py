@@ -170,11 +170,14 @@ class TurnPublisher:
             self._buffered_chars = 0
             self._bus.publish(self.ids, "message_replace", {"answer": answer})
 
-    def end(self, answer: str, metadata: dict[str, Any]) -> None:
+    def end(self, answer: str, metadata: dict[str, Any], *, status: str = "succeeded") -> None:
+        """The turn's last event: ``status`` is ``succeeded``, or ``stopped`` with the partial
+        answer."""
         with self._lock:
             self._raise_failure()
             self._flush_locked()
-            self._bus.publish(self.ids, "message_end", {"answer": answer, "metadata": metadata})
+            self._bus.publish(self.ids, "message_end",
+                              {"answer": answer, "metadata": metadata, "status": str(status)})
 
     def error(self, *, status: int, code: str, message: str) -> None:
         with self._lock:

@@ -49,10 +49,18 @@ def _now() -> datetime:
 
 
 class MessageStatus(enum.StrEnum):
+    """A turn's state machine: queued → running ⇄ retrying → succeeded | failed | stopped."""
+
+    QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    STOPPED = "stopped"
+
+
+FINISHED_STATUSES = frozenset({MessageStatus.SUCCEEDED, MessageStatus.FAILED,
+                               MessageStatus.STOPPED})
 
 
 class Base(DeclarativeBase):
@@ -119,6 +127,9 @@ class MessageState:
     base_version: int | None
     answer: str | None
     usage: dict[str, Any] | None
+    created_at: datetime
+    error_code: str | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,22 +211,50 @@ class SessionStore:
                                        message_id=message_id) from exc
 
     def begin_attempt(self, new: NewMessage) -> MessageState:
-        """Count one more attempt at a turn, creating its message row on the first."""
+        """Count one more attempt at a turn, creating its message row on the first.
+
+        A finished turn (succeeded, failed for good or stopped) is returned as it is: a
+        redelivered message must not start it again.
+        """
         with self._transaction(new.message_id) as session:
             row = session.get(AssistantMessage, new.message_id, with_for_update=True)
             if row is None:
-                row = AssistantMessage(
-                    message_id=new.message_id, conversation_id=new.conversation_id,
-                    tenant_id=new.tenant_id, app_id=new.app_id, user_id=new.user_id,
-                    task_id=new.task_id, query=new.query, status=MessageStatus.RUNNING,
-                    attempts=1, run_count=0,
-                )
+                row = _new_row(new, MessageStatus.RUNNING)
+                row.attempts = 1
                 session.add(row)
-            elif row.status != MessageStatus.SUCCEEDED:
+            elif row.status not in FINISHED_STATUSES:
                 row.attempts += 1
                 row.status = MessageStatus.RUNNING
                 row.task_id = new.task_id
                 row.updated_at = _now()
+            return _state_of(row)
+
+    def mark_queued(self, new: NewMessage) -> MessageState:
+        """Record a turn waiting for its conversation; its first wait creates the row."""
+        with self._transaction(new.message_id) as session:
+            row = session.get(AssistantMessage, new.message_id, with_for_update=True)
+            if row is None:
+                row = _new_row(new, MessageStatus.QUEUED)
+                session.add(row)
+            return _state_of(row)
+
+    def mark_stopped(self, new: NewMessage, *, partial_answer: str) -> MessageState:
+        """End a turn as stopped, keeping what was streamed; no snapshot is saved.
+
+        A turn that had already finished keeps its ending; its state is returned either way.
+        """
+        now = _now()
+        with self._transaction(new.message_id) as session:
+            row = session.get(AssistantMessage, new.message_id, with_for_update=True)
+            if row is None:
+                row = _new_row(new, MessageStatus.STOPPED)
+                session.add(row)
+            elif row.status in FINISHED_STATUSES:
+                return _state_of(row)
+            row.status = MessageStatus.STOPPED
+            row.answer = partial_answer
+            row.updated_at = now
+            row.finished_at = now
             return _state_of(row)
 
     def load_snapshot(self, conversation_id: str, layer_names: tuple[str, ...]) -> LoadedSnapshot:
@@ -301,7 +340,7 @@ class SessionStore:
             session.execute(
                 update(AssistantMessage)
                 .where(AssistantMessage.message_id == message_id,
-                       AssistantMessage.status != MessageStatus.SUCCEEDED)
+                       AssistantMessage.status.not_in(list(FINISHED_STATUSES)))
                 .values(status=status, error_code=code, error=error[:4000], updated_at=now,
                         finished_at=now if final else None)
             )
@@ -323,7 +362,16 @@ class SessionStore:
             ))
 
 
+def _new_row(new: NewMessage, status: MessageStatus) -> AssistantMessage:
+    return AssistantMessage(
+        message_id=new.message_id, conversation_id=new.conversation_id, tenant_id=new.tenant_id,
+        app_id=new.app_id, user_id=new.user_id, task_id=new.task_id, query=new.query,
+        status=status, attempts=0, run_count=0, created_at=_now(), updated_at=_now(),
+    )
+
+
 def _state_of(row: AssistantMessage) -> MessageState:
     return MessageState(status=row.status, attempts=row.attempts, run_id=row.run_id,
                         run_count=row.run_count, base_version=row.base_version,
-                        answer=row.answer, usage=row.usage)
+                        answer=row.answer, usage=row.usage, created_at=row.created_at,
+                        error_code=row.error_code, error=row.error)

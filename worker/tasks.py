@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 import random
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_init
+from celery.signals import task_revoked, worker_init
 
 from config.celery import TURN_TASK_NAME
 from config.settings import Settings, get_settings
 from worker.app import app
 from worker.composition import CompositionTemplateError, load_template
-from worker.errors import AgentBackendError, InvalidTurnPayload
+from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload
 from worker.payload import TurnPayload, parse_turn, valid_message_id
 from worker.publisher import TurnIds
-from worker.turn import TurnServices, get_services, run_turn
+from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
 
     try:
         return run_turn(payload, task_id=task_id, services=services).summary()
+    except ConversationBusy as busy:
+        if _waited_too_long(busy, settings):
+            failure: AgentBackendError = busy
+        else:
+            raise self.retry(exc=busy, countdown=settings.conversation_wait_retry_seconds,
+                             max_retries=None) from None
     except AgentBackendError as exc:
         failure = exc.with_ids(message_id=payload.message_id)
     except Exception as exc:
@@ -87,18 +94,50 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         failure = AgentBackendError(f"internal error: {type(exc).__name__}",
                                     message_id=payload.message_id)
 
-    retries_done = self.request.retries
-    if failure.retryable and retries_done < settings.max_retries:
-        delay = retry_delay(retries_done, settings)
+    attempts_done = failure.attempts or self.request.retries + 1
+    if failure.retryable and not isinstance(failure, ConversationBusy) \
+            and attempts_done <= settings.max_retries:
+        delay = retry_delay(attempts_done - 1, settings)
         log.warning("turn %s attempt %d failed, retrying in %.1fs: %s", payload.message_id,
-                    retries_done + 1, delay, failure)
+                    attempts_done, delay, failure)
         _record_failure(services, payload, failure, final=False)
         raise self.retry(exc=failure, countdown=delay)
     log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
-              retries_done + 1, failure)
+              attempts_done, failure)
     _record_failure(services, payload, failure, final=True)
     _publish_error(services, _ids(payload, task_id), failure)
     raise failure
+
+
+def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:
+    if busy.queued_since is None:
+        return False
+    queued_since = busy.queued_since
+    if queued_since.tzinfo is None:  # SQLite hands timestamps back without their zone
+        queued_since = queued_since.replace(tzinfo=UTC)
+    waited = (datetime.now(UTC) - queued_since).total_seconds()
+    return waited > settings.max_conversation_wait_seconds
+
+
+@task_revoked.connect
+def _end_revoked_turn(request: Any = None, **_: Any) -> None:
+    """A turn revoked before it ran (stop_turn, Flower) still ends, as stopped.
+
+    Celery drops a revoked task without running it; without this its client would wait forever.
+    A turn revoked while running is stopped by the supervisor instead.
+    """
+    if request is None or getattr(request, "name", None) != TURN_TASK_NAME:
+        return
+    kwargs = getattr(request, "kwargs", None) or {}
+    try:
+        payload = parse_turn(kwargs.get("turn"), get_settings())
+    except InvalidTurnPayload:
+        return
+    services = get_services(get_settings())
+    try:
+        end_stopped_before_running(payload, task_id=request.id, services=services)
+    except AgentBackendError as exc:
+        log.error("could not end revoked turn %s: %s", payload.message_id, exc)
 
 
 def _ids(payload: TurnPayload, task_id: str) -> TurnIds:

@@ -25,16 +25,30 @@ from worker.backend import AgentBackendClient, RunEvent
 from worker.composition import CompositionTemplate, build_run_request, load_template
 from worker.errors import (
     TRANSIENT_RUN_FAILURE_REASONS,
+    AgentBackendError,
     BackendUnavailable,
+    ConversationBusy,
     ProtocolViolation,
     RunCancelled,
     RunFailed,
     RunRejected,
     TransientRunFailure,
+    TurnInterrupted,
+    TurnTimedOut,
+    status_for_code,
 )
+from worker.locks import ConversationLocks
 from worker.payload import TurnPayload
 from worker.publisher import EventBus, TurnIds, TurnPublisher
-from worker.store import MessageState, MessageStatus, NewMessage, SessionStore, make_engine
+from worker.store import (
+    FINISHED_STATUSES,
+    MessageState,
+    MessageStatus,
+    NewMessage,
+    SessionStore,
+    make_engine,
+)
+from worker.supervisor import DEADLINE, STOPPED, TurnControl, TurnSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +65,8 @@ class TurnServices:
     store: SessionStore
     bus: EventBus
     backend: AgentBackendClient
+    locks: ConversationLocks
+    supervisor: TurnSupervisor
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TurnServices:
@@ -82,7 +98,12 @@ class TurnServices:
         )
         store = SessionStore(make_engine(settings.database_url, pool_size=settings.db_pool_size))
         store.create_schema()
-        return cls(settings=settings, template=template, store=store, bus=bus, backend=backend)
+        locks = ConversationLocks(bus.redis, ttl_seconds=settings.conversation_lease_seconds)
+        supervisor = TurnSupervisor(bus.redis, backend, locks,
+                                    lease_ttl_seconds=settings.conversation_lease_seconds,
+                                    tick_seconds=settings.supervisor_tick_seconds)
+        return cls(settings=settings, template=template, store=store, bus=bus, backend=backend,
+                   locks=locks, supervisor=supervisor)
 
 
 _services: TurnServices | None = None
@@ -104,50 +125,102 @@ class TurnOutcome:
     answer: str
     usage: dict[str, Any] | None
     chunks: int
+    status: str = MessageStatus.SUCCEEDED.value
     replayed: bool = False
 
     def summary(self) -> dict[str, Any]:
         """What the Celery result (and so Flower) shows: ids and sizes, not the answer."""
-        return {"status": MessageStatus.SUCCEEDED.value, "message_id": self.message_id,
-                "run_id": self.run_id, "answer_chars": len(self.answer), "chunks": self.chunks,
+        return {"status": self.status, "message_id": self.message_id, "run_id": self.run_id,
+                "answer_chars": len(self.answer), "chunks": self.chunks,
                 "replayed": self.replayed}
 
 
 def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices) -> TurnOutcome:
-    """One attempt at a turn."""
-    started = time.monotonic()
-    store, settings = services.store, services.settings
-    ids = TurnIds(task_id=task_id, message_id=turn.message_id,
-                  conversation_id=turn.conversation_id)
-    publisher = services.bus.turn(ids)
+    """One attempt at a turn, holding its conversation's lease while it runs.
 
-    state = store.begin_attempt(NewMessage(
+    Raises ``ConversationBusy`` (after recording the turn as queued) while another turn of the
+    conversation runs; the task then waits and tries again without spending a retry.
+    """
+    new = _new_message(turn, task_id)
+    publisher = services.bus.turn(TurnIds(task_id, turn.message_id, turn.conversation_id))
+    control = services.supervisor.register(
+        task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
+    try:
+        if services.supervisor.stop_requested(turn.message_id):
+            log.info("turn %s was stopped before it ran", turn.message_id)
+            return _end_stopped(new, publisher, services, partial_answer="", run_id=None)
+        lease = services.locks.acquire(turn.conversation_id, turn.message_id)
+        if lease is None:
+            queued = services.store.mark_queued(new)
+            raise ConversationBusy(
+                f"conversation {turn.conversation_id} has a turn running",
+                message_id=turn.message_id,
+            ).waiting_since(queued.created_at)
+        control.lease = lease
+        try:
+            return _attempt(turn, new, publisher, control, services)
+        finally:
+            services.locks.release(lease)
+    finally:
+        services.supervisor.unregister(control)
+
+
+def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
+                               services: TurnServices) -> TurnOutcome:
+    """End a turn that was stopped before any attempt ran (a revoked task)."""
+    publisher = services.bus.turn(TurnIds(task_id, turn.message_id, turn.conversation_id))
+    return _end_stopped(_new_message(turn, task_id), publisher, services, partial_answer="",
+                        run_id=None)
+
+
+def _new_message(turn: TurnPayload, task_id: str) -> NewMessage:
+    return NewMessage(
         message_id=turn.message_id, conversation_id=turn.conversation_id,
         tenant_id=turn.tenant_id, app_id=turn.app_id, user_id=turn.user_id, task_id=task_id,
         query=turn.query,
-    ))
-    if state.status == MessageStatus.SUCCEEDED:
-        log.info("turn %s already succeeded; re-emitting its end", turn.message_id)
-        answer = state.answer or ""
-        publisher.end(answer, {"usage": state.usage})
-        return TurnOutcome(turn.message_id, state.run_id, answer, state.usage, 0, replayed=True)
+    )
 
-    if services.bus.last_seq(turn.message_id) > 0:
-        # An earlier attempt reached the client with text that may not match this one.
-        publisher.replace("")
 
-    run_id, base_version = _start_or_reattach(turn, state, services)
-    log.info("turn %s streaming run %s (attempt %d)", turn.message_id, run_id, state.attempts)
-    streamed_text, terminal = _relay_answer(run_id, turn.message_id, publisher, services)
-    output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
+             control: TurnControl, services: TurnServices) -> TurnOutcome:
+    started = time.monotonic()
+    state = services.store.begin_attempt(new)
+    if state.status in FINISHED_STATUSES:
+        return _re_emit_end(turn, state, publisher)
+    streamed = StreamedAnswer()
+    try:
+        if services.bus.last_seq(turn.message_id) > 0:
+            # An earlier attempt reached the client with text that may not match this one.
+            publisher.replace("")
+        run_id, base_version = _start_or_reattach(turn, state, services)
+        control.run_id = run_id
+        if control.stopped:
+            services.supervisor.cancel_run_soon(control)
+        log.info("turn %s streaming run %s (attempt %d)", turn.message_id, run_id,
+                 state.attempts)
+        terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
+                                 streamed)
+        output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+        answer = answer_text(output)
+        if len(answer) > services.settings.max_answer_chars:
+            raise ProtocolViolation(
+                f"the answer exceeds {services.settings.max_answer_chars} characters",
+                run_id=run_id, message_id=turn.message_id)
+    except AgentBackendError as exc:
+        exc.attempts = state.attempts
+        if control.stop_reason == STOPPED:
+            return _end_stopped(new, publisher, services, partial_answer=streamed.text(),
+                                run_id=control.run_id)
+        if control.stop_reason == DEADLINE:
+            raise TurnTimedOut(
+                f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
+                run_id=control.run_id, message_id=turn.message_id,
+            ).counting(state.attempts) from None
+        raise
 
-    answer = answer_text(output)
-    if len(answer) > settings.max_answer_chars:
-        raise ProtocolViolation(f"the answer exceeds {settings.max_answer_chars} characters",
-                                run_id=run_id, message_id=turn.message_id)
-    if answer != streamed_text:
+    if answer != streamed.text():
         publisher.replace(answer)
-    store.save_success(
+    services.store.save_success(
         message_id=turn.message_id, conversation_id=turn.conversation_id,
         tenant_id=turn.tenant_id, app_id=turn.app_id, expected_version=base_version,
         snapshot=snapshot, layer_names=services.template.layer_names, answer=answer,
@@ -157,6 +230,52 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices) -> Turn
     log.info("turn %s succeeded: run %s, %d chunks, %.3fs", turn.message_id, run_id,
              publisher.chunks_published, time.monotonic() - started)
     return TurnOutcome(turn.message_id, run_id, answer, usage, publisher.chunks_published)
+
+
+def _re_emit_end(turn: TurnPayload, state: MessageState,
+                 publisher: TurnPublisher) -> TurnOutcome:
+    """A redelivered finished turn: tell a waiting client how it ended, touch nothing else."""
+    log.info("turn %s already %s; re-emitting its end", turn.message_id, state.status)
+    answer = state.answer or ""
+    if state.status == MessageStatus.FAILED:
+        code = state.error_code or AgentBackendError.code
+        publisher.error(status=status_for_code(code), code=code, message=state.error or "")
+    else:
+        publisher.end(answer, {"usage": state.usage}, status=state.status)
+    return TurnOutcome(turn.message_id, state.run_id, answer, state.usage, 0,
+                       status=state.status, replayed=True)
+
+
+def _end_stopped(new: NewMessage, publisher: TurnPublisher, services: TurnServices, *,
+                 partial_answer: str, run_id: str | None) -> TurnOutcome:
+    """End a stopped turn: what was streamed stays the answer; no snapshot is saved.
+
+    The backend's snapshot of a cancelled run is not sent back, so the next turn continues from
+    the last completed one; the partial answer is kept on the message for the user to see.
+    """
+    final = services.store.mark_stopped(new, partial_answer=partial_answer)
+    answer = final.answer or ""
+    publisher.end(answer, {"usage": None}, status=MessageStatus.STOPPED)
+    log.info("turn %s stopped with %d characters", new.message_id, len(answer))
+    return TurnOutcome(new.message_id, run_id, answer, None, publisher.chunks_published,
+                       status=MessageStatus.STOPPED.value)
+
+
+class StreamedAnswer:
+    """The answer text streamed so far, kept as parts and joined only when needed."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.chars = 0
+
+    def append(self, delta: str) -> None:
+        self._parts.append(delta)
+        self.chars += len(delta)
+
+    def text(self) -> str:
+        if len(self._parts) > 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0] if self._parts else ""
 
 
 def _start_or_reattach(
@@ -188,22 +307,24 @@ def _start_or_reattach(
 
 
 def _relay_answer(
-    run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices
-) -> tuple[str, RunEvent]:
-    """Publish the run's answer deltas as they come; return the streamed text and the end."""
+    run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices,
+    control: TurnControl, streamed: StreamedAnswer,
+) -> RunEvent:
+    """Publish the run's answer deltas as they come; return the terminal event."""
     limit = services.settings.max_answer_chars
-    parts: list[str] = []
-    streamed_chars = 0
-    for event in services.backend.stream_events(run_id, message_id=message_id):
+    events = services.backend.stream_events(run_id, message_id=message_id, watcher=control)
+    for event in events:
+        if control.stopped:
+            raise TurnInterrupted("the turn was interrupted", run_id=run_id,
+                                  message_id=message_id)
         if event.terminal:
             publisher.flush()
-            return "".join(parts), event
+            return event
         if event.answer_delta:
-            streamed_chars += len(event.answer_delta)
-            if streamed_chars > limit:
+            if streamed.chars + len(event.answer_delta) > limit:
                 raise ProtocolViolation(f"the streamed answer exceeds {limit} characters",
                                         run_id=run_id, message_id=message_id)
-            parts.append(event.answer_delta)
+            streamed.append(event.answer_delta)
             publisher.delta(event.answer_delta)
     raise BackendUnavailable("the event stream ended without a terminal event",
                              run_id=run_id, message_id=message_id)
