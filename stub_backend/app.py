@@ -226,14 +226,21 @@ class StreamFault(_Strict):
     stall_after: int | None = Field(default=None, ge=0)
     stall_seconds: float | None = Field(default=None, ge=0)
     garbage_after: int | None = Field(default=None, ge=0)
+    # Send ``frame`` (raw text, sent as is) after K frames, then go on normally: lets a test
+    # put any malformed or hostile frame on the wire.
+    inject_after: int | None = Field(default=None, ge=0)
+    frame: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one_kind(self) -> StreamFault:
-        kinds = [self.drop_after, self.stall_after, self.garbage_after]
+        kinds = [self.drop_after, self.stall_after, self.garbage_after, self.inject_after]
         if sum(kind is not None for kind in kinds) != 1:
-            raise ValueError("give exactly one of drop_after, stall_after, garbage_after")
+            raise ValueError(
+                "give exactly one of drop_after, stall_after, garbage_after, inject_after")
         if self.stall_seconds is not None and self.stall_after is None:
             raise ValueError("stall_seconds only goes with stall_after")
+        if (self.frame is None) != (self.inject_after is None):
+            raise ValueError("frame and inject_after go together")
         return self
 
 
@@ -771,6 +778,9 @@ class SSEResponse(Response):
                         f"id: {event.cursor}\nevent: pydantic_ai_event\n"
                         "data: {this is not json\n\n".encode()
                     )
+                if fault is not None and fault.inject_after == sent and not garbage_done:
+                    garbage_done = True
+                    await emit((fault.frame or "").encode())
                 await emit(event.frame)
                 index += 1
                 sent += 1

@@ -81,6 +81,7 @@ def base_settings(**overrides: Any) -> Settings:
         "retry_backoff_base": 0.05,
         "retry_backoff_max": 0.2,
         "worker_concurrency": 8,
+        "max_frame_bytes": 64 * 1024,
     }
     values.update(overrides)
     return Settings(**values)
@@ -278,6 +279,53 @@ def answer_of(events: list[dict[str, Any]]) -> str:
         elif event["event"] == "message_replace":
             text = event["answer"]
     return text
+
+
+def submit_and_wait(turn: dict[str, Any], listen: Any, producer_app: Any,
+                    worker: RunningWorker, timeout: float = WAIT_SECONDS) -> list[dict[str, Any]]:
+    """Subscribe, enqueue through the producer helper, and collect the turn's events."""
+    from worker.client import submit_turn
+
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=worker.settings)
+    return listener.wait_for_end(timeout)
+
+
+def send_raw_and_wait(kwargs: dict[str, Any], message_id: str | None, listen: Any,
+                      producer_app: Any, worker: RunningWorker) -> tuple[Any, list[dict]]:
+    """Enqueue without the helper's validation, as a careless web tier would."""
+    from config.celery import TURN_TASK_NAME
+
+    listener = listen(message_id) if message_id else None
+    result = producer_app.send_task(TURN_TASK_NAME, kwargs=kwargs, queue=worker.settings.queue)
+    events = listener.wait_for_end() if listener else []
+    return result, events
+
+
+def assert_single_end(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Exactly one end event, of this kind, last, with seq 1, 2, 3 … before it."""
+    ends = [event for event in events if event["event"] in ("message_end", "error")]
+    assert [event["event"] for event in ends] == [kind], events
+    assert events[-1] is ends[0], "nothing may follow the end of a turn"
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    return ends[0]
+
+
+def assert_nothing_saved(worker: RunningWorker, turn: dict[str, Any]) -> None:
+    assert worker.store.get_snapshot(turn["conversation_id"]) is None
+    message = worker.store.get_message(turn["message_id"])
+    assert message is not None and message.status == "failed"
+    assert message.answer is None
+
+
+def final_state(result: Any, timeout: float = 20.0) -> str:
+    async_result = result
+    try:
+        async_result.get(timeout=timeout, propagate=False)
+    except Exception as exc:  # the wait itself timed out
+        raise AssertionError(f"task {result.id} did not finish: {exc}") from exc
+    return async_result.state
+
 
 
 # A real Celery worker ----------------------------------------------------------------------

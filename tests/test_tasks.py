@@ -13,54 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery.result import AsyncResult
 
-from config.celery import TURN_TASK_NAME
 from config.settings import Settings
 from tests.conftest import (
     ROOT,
     RunningWorker,
     StubControl,
     answer_of,
+    assert_nothing_saved,
+    assert_single_end,
     base_settings,
+    final_state,
     make_turn,
+    send_raw_and_wait,
     settings_env,
+    submit_and_wait,
 )
-from worker.client import submit_turn
 from worker.tasks import retry_delay
 
 EXPECTED_ANSWER = "[turn 1] You said: hi."
-
-
-def submit_and_wait(turn: dict[str, Any], listen: Any, producer_app: Any,
-                    worker: RunningWorker, timeout: float = 20.0) -> list[dict[str, Any]]:
-    listener = listen(turn["message_id"])
-    submit_turn(turn, celery_app=producer_app, settings=worker.settings)
-    return listener.wait_for_end(timeout)
-
-
-def send_raw_and_wait(kwargs: dict[str, Any], message_id: str | None, listen: Any,
-                      producer_app: Any, worker: RunningWorker) -> tuple[Any, list[dict]]:
-    """Enqueue without the helper's validation, as a careless web tier would."""
-    listener = listen(message_id) if message_id else None
-    result = producer_app.send_task(TURN_TASK_NAME, kwargs=kwargs, queue=worker.settings.queue)
-    events = listener.wait_for_end() if listener else []
-    return result, events
-
-
-def assert_single_end(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    ends = [event for event in events if event["event"] in ("message_end", "error")]
-    assert [event["event"] for event in ends] == [kind], events
-    assert events[-1] is ends[0], "nothing may follow the end of a turn"
-    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
-    return ends[0]
-
-
-def assert_nothing_saved(worker: RunningWorker, turn: dict[str, Any]) -> None:
-    assert worker.store.get_snapshot(turn["conversation_id"]) is None
-    message = worker.store.get_message(turn["message_id"])
-    assert message is not None and message.status == "failed"
-    assert message.answer is None
 
 
 # Retried to success ------------------------------------------------------------------------
@@ -246,7 +217,7 @@ def test_payload_with_unknown_field_gets_an_error_event_and_no_backend_call(
     assert "surprise" in error["message"]
     assert stub.create_calls(turn["message_id"]) == 0
     assert celery_worker.store.get_message(turn["message_id"]) is None
-    assert _final_state(result) == "FAILURE"
+    assert final_state(result) == "FAILURE"
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -264,7 +235,7 @@ def test_invalid_payloads_are_rejected_with_an_error_event(
 
     assert assert_single_end(events, "error")["code"] == "invalid_param"
     assert stub.create_calls(message_id) == 0
-    assert _final_state(result) == "FAILURE"
+    assert final_state(result) == "FAILURE"
 
 
 def test_payload_without_a_usable_message_id_fails_the_task_without_retry(
@@ -273,7 +244,7 @@ def test_payload_without_a_usable_message_id_fails_the_task_without_retry(
     result, _ = send_raw_and_wait({"turn": make_turn(message_id="not a valid id!")}, None, None,
                                   producer_app, celery_worker)
 
-    assert _final_state(result) == "FAILURE"
+    assert final_state(result) == "FAILURE"
     assert "message_id" in str(result.result)
     assert result.retries in (0, None)
     assert stub.runs() == []
@@ -298,15 +269,6 @@ def test_retry_delay_grows_exponentially_within_its_cap() -> None:
         delays = [retry_delay(retries_done, settings) for _ in range(200)]
         assert all(0 <= delay <= ceiling for delay in delays)
         assert max(delays) > ceiling / 2, "full jitter should use the whole range"
-
-
-def _final_state(result: Any, timeout: float = 20.0) -> str:
-    async_result: AsyncResult = result
-    try:
-        async_result.get(timeout=timeout, propagate=False)
-    except Exception as exc:  # the wait itself timed out
-        raise AssertionError(f"task {result.id} did not finish: {exc}") from exc
-    return async_result.state
 
 
 def test_worker_refuses_to_start_with_a_broken_composition_template(tmp_path: Path) -> None:

@@ -1,0 +1,212 @@
+"""Faults through real processes: bad input of every kind, and a worker killed mid-stream.
+
+Every case must end in a completed turn or exactly one ``error`` event, with no half-written row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stub_backend import StubServer
+from tests.conftest import (
+    RunningWorker,
+    StubControl,
+    TurnListener,
+    answer_of,
+    assert_nothing_saved,
+    assert_single_end,
+    base_settings,
+    make_turn,
+    send_raw_and_wait,
+    sqlite_url,
+    start_worker,
+    stop_worker,
+    submit_and_wait,
+)
+from worker.client import submit_turn
+from worker.store import SessionStore, make_engine
+
+# Bad task payloads: (case, how to spoil a good turn). Each must be refused before any backend
+# call, with an ``invalid_param`` error on the turn's channel and no row written.
+BAD_PAYLOADS: list[tuple[str, dict[str, Any]]] = [
+    ("unknown top-level field", {"priority": "high"}),
+    ("credentials smuggled into agent", {"agent": {"credentials": {"api_key": "k"}}}),
+    ("unknown model parameter", {"agent": {"parameters": {"seed": 1}}}),
+    ("empty query", {"query": ""}),
+    ("blank query", {"query": " \n\t "}),
+    ("query is a number", {"query": 42}),
+    ("query is a list", {"query": ["hi"]}),
+    ("query over the limit", {"query": "x" * 32_001}),
+    ("tenant id is a number", {"tenant_id": 7}),
+    ("user id with a space", {"user_id": "user 1"}),
+    ("conversation id with a slash", {"conversation_id": "a/b"}),
+    ("app id too long", {"app_id": "a" * 129}),
+    ("user_from not allowed", {"user_from": "robot"}),
+    ("invoke_from not allowed", {"invoke_from": "cron"}),
+    ("inputs is a list", {"inputs": ["a"]}),
+    ("inputs over the limit", {"inputs": {"blob": "y" * 70_000}}),
+    ("temperature out of range", {"agent": {"parameters": {"temperature": 3}}}),
+    ("temperature as text", {"agent": {"parameters": {"temperature": "hot"}}}),
+    ("max_tokens zero", {"agent": {"parameters": {"max_tokens": 0}}}),
+    ("too many stop words", {"agent": {"parameters": {"stop": ["a", "b", "c", "d", "e"]}}}),
+    ("system prompt over the limit", {"agent": {"system_prompt": "p" * 16_001}}),
+    ("model name with spaces", {"agent": {"model": "gpt 4o"}}),
+    ("unknown schema version", {"schema_version": 2}),
+]
+
+# Bad backend frames: (case, the raw SSE frame the stub injects after three good frames). Each
+# must end the turn at once (no reconnect, no retry) with a ``backend_protocol_error``.
+_OK = {"id": "9999999999999-0", "type": "pydantic_ai_event",
+       "data": {"event_kind": "final_result"}, "agent_message_delta": None}
+
+
+def _frame(data: Any, *, raw: str | None = None) -> str:
+    body = raw if raw is not None else json.dumps(data)
+    return f"id: 9999999999999-0\nevent: pydantic_ai_event\ndata: {body}\n\n"
+
+
+BAD_FRAMES: list[tuple[str, str]] = [
+    ("not JSON", _frame(None, raw="{not json")),
+    ("a JSON array", _frame([1, 2, 3])),
+    ("a JSON string", _frame("hello")),
+    ("no id", _frame({k: v for k, v in _OK.items() if k != "id"})),
+    ("empty id", _frame({**_OK, "id": ""})),
+    ("no type", _frame({k: v for k, v in _OK.items() if k != "type"})),
+    ("type is a number", _frame({**_OK, "type": 5})),
+    ("data is not an object", _frame({**_OK, "data": "text"})),
+    ("another run's event", _frame({**_OK, "run_id": "somebody-else"})),
+    ("delta is a number", _frame({**_OK, "agent_message_delta": 42})),
+    ("run_succeeded without output",
+     _frame({**_OK, "type": "run_succeeded", "data": {"session_snapshot": {}}})),
+    ("run_succeeded with a list snapshot",
+     _frame({**_OK, "type": "run_succeeded", "data": {"session_snapshot": [], "output": "x"}})),
+    ("run_succeeded with text usage",
+     _frame({**_OK, "type": "run_succeeded", "data": {"output": "x", "usage": "lots"}})),
+    ("run_failed without error", _frame({**_OK, "type": "run_failed", "data": {"reason": "x"}})),
+    ("a frame over the size limit", _frame({**_OK, "agent_message_delta": "z" * 70_000})),
+]
+
+
+def test_the_bad_input_suite_has_at_least_thirty_cases() -> None:
+    assert len(BAD_PAYLOADS) + len(BAD_FRAMES) >= 30
+
+
+@pytest.mark.parametrize(("case", "spoil"), BAD_PAYLOADS, ids=[c for c, _ in BAD_PAYLOADS])
+def test_bad_payload_is_refused_with_one_error_and_writes_nothing(
+    case: str, spoil: dict[str, Any], celery_worker: RunningWorker, stub: StubControl,
+    listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(**spoil)
+    _, events = send_raw_and_wait({"turn": turn}, turn["message_id"], listen, producer_app,
+                                  celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert (error["code"], error["status"]) == ("invalid_param", 400)
+    assert "invalid turn payload" in error["message"]
+    assert stub.create_calls(turn["message_id"]) == 0
+    assert celery_worker.store.get_message(turn["message_id"]) is None
+    assert celery_worker.store.get_snapshot(turn["conversation_id"]) is None
+
+
+@pytest.mark.parametrize(("case", "frame"), BAD_FRAMES, ids=[c for c, _ in BAD_FRAMES])
+def test_bad_backend_frame_fails_the_turn_at_once_and_writes_nothing(
+    case: str, frame: str, celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], stream=[{"inject_after": 3, "frame": frame}])
+
+    events = submit_and_wait(turn, listen, producer_app, celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "backend_protocol_error"
+    [run] = stub.runs(turn["message_id"])
+    assert run["run_id"] in error["message"]
+    assert run["sse_connections"] == 1, "a malformed frame must not be retried by reconnecting"
+    assert_nothing_saved(celery_worker, turn)
+
+
+# A worker killed in the middle of twenty streaming turns ------------------------------------
+
+
+@pytest.fixture
+def crash_settings(stub_server: StubServer, tmp_path: Path) -> Any:
+    """Short deadline and visibility timeout, so a killed worker's turns come back quickly."""
+    return base_settings(
+        database_url=sqlite_url(tmp_path), backend_url=stub_server.url,
+        queue=f"crash-{uuid.uuid4().hex[:8]}", worker_concurrency=32,
+        turn_deadline_seconds=4.0, visibility_timeout_seconds=5.5,
+        unacked_restore_interval_seconds=0.5, conversation_lease_seconds=2.0,
+    )
+
+
+@pytest.fixture
+def crash_store(crash_settings: Any) -> Iterator[SessionStore]:
+    engine = make_engine(crash_settings.database_url, pool_size=2)
+    store = SessionStore(engine)
+    store.create_schema()
+    yield store
+    engine.dispose()
+
+
+def test_turns_survive_a_worker_killed_mid_stream_with_one_answer_and_one_run_each(
+    crash_settings: Any, crash_store: SessionStore, stub: StubControl,
+    listen: Any, producer_app: Any, tmp_path: Path,
+) -> None:
+    first = start_worker(crash_settings, tmp_path / "first.log", f"crash-1-{os.getpid()}@%h")
+    turns = [make_turn(query=f"question {n}") for n in range(20)]
+    listeners: list[TurnListener] = []
+    for turn in turns:
+        stub.plan(turn["message_id"], answer_tokens=40, token_delay=0.05)
+        listeners.append(listen(turn["message_id"]))
+        submit_turn(turn, celery_app=producer_app, settings=crash_settings)
+    try:
+        _wait_until_all_streaming(listeners)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    assert all(listener.events[-1]["event"] == "agent_message" for listener in listeners), (
+        "every turn must have been killed mid-stream"
+    )
+
+    second = start_worker(crash_settings, tmp_path / "second.log", f"crash-2-{os.getpid()}@%h")
+    try:
+        for turn, listener in zip(turns, listeners, strict=True):
+            events = listener.wait_for_end(timeout=30)
+            end = assert_single_end(events, "message_end")
+            expected = stub.runs(turn["message_id"])[0]["request"]
+            assert expected["composition"]["layers"][1]["config"]["user"] == turn["query"]
+            assert end["answer"].startswith(f"[turn 1] You said: {turn['query']}.")
+            assert answer_of(events) == end["answer"]
+            assert len(stub.runs(turn["message_id"])) == 1, "the model must not be paid twice"
+            message = crash_store.get_message(turn["message_id"])
+            assert message is not None
+            assert (message.status, message.answer) == ("succeeded", end["answer"])
+            assert message.attempts == 2
+        assert len(crash_store.list_messages(turns[0]["conversation_id"])) == 1
+    finally:
+        stop_worker(second)
+
+
+def _wait_until_all_streaming(listeners: list[TurnListener], timeout: float = 20.0) -> None:
+    """Until every turn has published at least two chunks: mid-stream, not finished."""
+    deadline = time.monotonic() + timeout
+    pending = list(listeners)
+    while pending:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(pending)} turns never started streaming")
+        for listener in list(pending):
+            message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01)
+            if message is not None:
+                listener.events.append(json.loads(message["data"]))
+            if sum(e["event"] == "agent_message" for e in listener.events) >= 2:
+                pending.remove(listener)
