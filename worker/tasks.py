@@ -120,13 +120,13 @@ def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:
 
 
 @task_revoked.connect
-def _end_revoked_turn(request: Any = None, **_: Any) -> None:
+def _end_revoked_turn(sender: Any = None, request: Any = None, **_: Any) -> None:
     """A turn revoked before it ran (stop_turn, Flower) still ends, as stopped.
 
     Celery drops a revoked task without running it; without this its client would wait forever.
     A turn revoked while running is stopped by the supervisor instead.
     """
-    if request is None or getattr(request, "name", None) != TURN_TASK_NAME:
+    if request is None or getattr(sender, "name", None) != TURN_TASK_NAME:
         return
     kwargs = getattr(request, "kwargs", None) or {}
     try:

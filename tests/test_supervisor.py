@@ -1,0 +1,194 @@
+"""Stopping turns, deadlines and turn order, through the real worker unless noted."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stub_backend import StubServer
+from tests.conftest import (
+    RunningWorker,
+    StubControl,
+    TurnListener,
+    answer_of,
+    assert_single_end,
+    base_settings,
+    make_turn,
+    sqlite_url,
+)
+from worker.client import stop_turn, submit_turn
+from worker.errors import TurnTimedOut
+from worker.payload import parse_turn
+from worker.turn import TurnServices, run_turn
+
+SLOW = {"answer_tokens": 200, "token_delay": 0.03}
+
+
+def wait_for_chunks(listener: TurnListener, count: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(event["event"] == "agent_message" for event in listener.events) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} chunks in {timeout}s: {listener.events}")
+        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            listener.events.append(json.loads(message["data"]))
+
+
+def assert_stopped_mid_answer(worker: RunningWorker, stub: StubControl, turn: dict[str, Any],
+                              events: list[dict[str, Any]]) -> None:
+    end = assert_single_end(events, "message_end")
+    assert end["status"] == "stopped"
+    streamed = answer_of(events[:-1])
+    assert end["answer"] == streamed, "the partial answer is what the client saw"
+    assert 0 < len(streamed) < 200 * 4, "stopped before the answer was complete"
+    [run] = stub.runs(turn["message_id"])
+    assert run["status"] == "cancelled", "the backend run must be cancelled, not paid to the end"
+    message = worker.store.get_message(turn["message_id"])
+    assert message is not None and (message.status, message.answer) == ("stopped", streamed)
+    assert worker.store.get_snapshot(turn["conversation_id"]) is None
+
+
+@pytest.mark.parametrize("by", ["message_id", "task_id"])
+def test_stopping_a_running_turn_ends_it_with_the_partial_answer(
+    by: str, celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], **SLOW)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(listener, 2)
+
+    stop_turn(**{by: getattr(submitted, by)}, celery_app=producer_app,
+              settings=celery_worker.settings)
+    events = listener.wait_for_end(timeout=5)
+
+    assert_stopped_mid_answer(celery_worker, stub, turn, events)
+
+
+def test_revoking_a_running_turn_from_celery_control_stops_it(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], **SLOW)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(listener, 2)
+
+    producer_app.control.revoke(submitted.task_id)
+    events = listener.wait_for_end(timeout=5)
+
+    assert_stopped_mid_answer(celery_worker, stub, turn, events)
+
+
+def test_stopping_a_waiting_turn_ends_it_without_calling_the_backend(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    first = make_turn(query="first")
+    waiting = make_turn(conversation_id=first["conversation_id"], query="second")
+    stub.plan(first["message_id"], answer_tokens=60, token_delay=0.03)
+    first_listener = listen(first["message_id"])
+    waiting_listener = listen(waiting["message_id"])
+    submit_turn(first, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(first_listener, 1)
+    submit_turn(waiting, celery_app=producer_app, settings=celery_worker.settings)
+    _wait_for_status(celery_worker, waiting["message_id"], "queued")
+
+    stop_turn(message_id=waiting["message_id"], celery_app=producer_app,
+              settings=celery_worker.settings)
+
+    end = assert_single_end(waiting_listener.wait_for_end(), "message_end")
+    assert (end["status"], end["answer"]) == ("stopped", "")
+    assert stub.create_calls(waiting["message_id"]) == 0
+    assert assert_single_end(first_listener.wait_for_end(), "message_end")["status"] == "succeeded"
+    message = celery_worker.store.get_message(waiting["message_id"])
+    assert message is not None and message.status == "stopped"
+
+
+def test_a_second_turn_waits_for_the_first_and_builds_on_its_snapshot(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    first = make_turn(query="first")
+    second = make_turn(conversation_id=first["conversation_id"], query="second")
+    stub.plan(first["message_id"], answer_tokens=30, token_delay=0.02)
+    first_listener, second_listener = listen(first["message_id"]), listen(second["message_id"])
+
+    submit_turn(first, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(first_listener, 1)
+    submit_turn(second, celery_app=producer_app, settings=celery_worker.settings)
+    first_events = first_listener.wait_for_end()
+    second_events = second_listener.wait_for_end()
+
+    assert assert_single_end(second_events, "message_end")["answer"] == (
+        "[turn 2] You said: second.")
+    [first_run], [second_run] = stub.runs(first["message_id"]), stub.runs(second["message_id"])
+    assert first_run["status"] == "succeeded"
+    saved_after_first = second_run["request"]["session_snapshot"]
+    history = next(layer for layer in saved_after_first["layers"] if layer["name"] == "history")
+    assert history["runtime_state"]["messages"][-1]["content"] == first_events[-1]["answer"]
+    message = celery_worker.store.get_message(second["message_id"])
+    assert message is not None and message.attempts == 1, "waiting spends no attempt"
+
+
+def test_a_stop_for_an_unknown_task_says_so(celery_worker: RunningWorker,
+                                            producer_app: Any) -> None:
+    with pytest.raises(LookupError, match="no turn is known"):
+        stop_turn(task_id="no-such-task", celery_app=producer_app,
+                  settings=celery_worker.settings)
+
+
+def _wait_for_status(worker: RunningWorker, message_id: str, status: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        message = worker.store.get_message(message_id)
+        if message is not None and message.status == status:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"message {message_id} never became {status}")
+        time.sleep(0.05)
+
+
+# In-process: a short deadline -------------------------------------------------------------
+
+
+@pytest.fixture
+def short_deadline_services(stub_server: StubServer, tmp_path: Path) -> Iterator[TurnServices]:
+    settings = base_settings(database_url=sqlite_url(tmp_path), backend_url=stub_server.url,
+                             turn_deadline_seconds=0.5)
+    services = TurnServices.from_settings(settings)
+    yield services
+    services.backend.close()
+    services.store.engine.dispose()
+
+
+def test_a_turn_past_its_deadline_is_cancelled_and_times_out(
+    short_deadline_services: TurnServices, stub: StubControl,
+    listen: Callable[[str], TurnListener],
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], **SLOW)
+    payload = parse_turn(turn, short_deadline_services.settings)
+    started = time.monotonic()
+
+    with pytest.raises(TurnTimedOut, match="deadline") as raised:
+        run_turn(payload, task_id="task-1", services=short_deadline_services)
+
+    assert time.monotonic() - started < 5, "the deadline must interrupt the blocked read"
+    assert not raised.value.retryable
+    [run] = stub.runs(turn["message_id"])
+    assert raised.value.run_id == run["run_id"]
+    _wait(lambda: stub.runs(turn["message_id"])[0]["status"] == "cancelled")
+    assert short_deadline_services.store.get_snapshot(turn["conversation_id"]) is None
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        threading.Event().wait(0.02)
