@@ -7,11 +7,13 @@ left alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -406,3 +408,189 @@ def producer_app() -> Any:
     app = Celery("test-producer")
     app.config_from_object(celery_config(base_settings()))
     return app
+
+
+# The SSE gateway ---------------------------------------------------------------------------
+
+GATEWAY_TEST_SECRET = f"test-gateway-secret-{uuid.uuid4().hex}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class SSEFrame:
+    """One Server-Sent Events frame as a client parses it."""
+
+    event: str | None
+    id: str | None
+    data: str
+
+    def json(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.data)
+        return parsed
+
+
+class SSEParser:
+    """Frames from the lines of a ``text/event-stream`` body, read as the SSE spec reads them."""
+
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._id: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> SSEFrame | None:
+        """Take one line (without its line break); return the frame a blank line completes."""
+        if line == "":
+            frame = None
+            if self._data or self._event is not None:
+                frame = SSEFrame(self._event, self._id, "\n".join(self._data))
+            self._event, self._id, self._data = None, None, []
+            return frame
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
+
+
+@dataclass
+class RunningGateway:
+    process: subprocess.Popen[bytes]
+    settings: Settings
+    url: str
+    log_path: Path
+
+    def events_url(self, message_id: str) -> str:
+        return f"{self.url}/v1/turns/{message_id}/events"
+
+    def token(self, message_id: str, user_id: str = "user-1") -> str:
+        from worker.client import stream_token_for
+
+        return stream_token_for(message_id, user_id, self.settings)
+
+    def health(self) -> dict[str, Any]:
+        answer = requests.get(f"{self.url}/healthz", timeout=5)
+        health: dict[str, Any] = answer.json()
+        return health
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def gateway_settings(**overrides: Any) -> Settings:
+    """The tests' settings plus a gateway: a secret of its own, quick pings, small buffers."""
+    values: dict[str, Any] = {
+        "gateway_secret": GATEWAY_TEST_SECRET,
+        "gateway_port": free_port(),
+        "gateway_ping_interval_seconds": 0.5,
+        "gateway_client_buffer_events": 64,
+        "gateway_send_timeout_seconds": 10.0,
+        "gateway_redis_health_check_seconds": 1.0,
+    }
+    values.update(overrides)
+    return base_settings(**values)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    """A real gateway process on a socket, reading the tests' pub/sub database."""
+    settings = gateway_settings()
+    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    running = RunningGateway(process, settings,
+                             f"http://127.0.0.1:{settings.gateway_port}", log_path)
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n"
+                               f"{running.log_tail()}")
+        try:
+            if running.health()["redis_connected"]:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"gateway not ready within 30s:\n{running.log_tail()}")
+        time.sleep(0.1)
+    yield running
+    stop_worker(process)
+
+
+# A TCP proxy that can cut a service off for a moment --------------------------------------
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a service; ``cut`` makes the service unreachable for a while.
+
+    While cut, open connections are closed and new ones are accepted and closed at once, so
+    clients see the resets and refusals a blinking network gives, not a hang.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._guard = threading.Lock()
+        self._cut_until = 0.0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, seconds: float) -> None:
+        with self._guard:
+            self._cut_until = time.monotonic() + seconds
+            doomed, self._open = self._open, set()
+        for sock in doomed:
+            _close_quietly(sock)
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut(0)
+        _close_quietly(self._listener)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self._cut_until:
+                _close_quietly(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                _close_quietly(client)
+                continue
+            with self._guard:
+                self._open.update((client, upstream))
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                target.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            _close_quietly(source)
+            _close_quietly(target)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

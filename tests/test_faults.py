@@ -20,12 +20,14 @@ from stub_backend import StubServer
 from tests.conftest import (
     RunningWorker,
     StubControl,
+    TcpProxy,
     TurnListener,
     answer_of,
     assert_nothing_saved,
     assert_single_end,
     base_settings,
     make_turn,
+    new_postgres_schema,
     send_raw_and_wait,
     sqlite_url,
     start_worker,
@@ -210,3 +212,52 @@ def _wait_until_all_streaming(listeners: list[TurnListener], timeout: float = 20
                 listener.events.append(json.loads(message["data"]))
             if sum(e["event"] == "agent_message" for e in listener.events) >= 2:
                 pending.remove(listener)
+
+
+# The database out of reach for a moment ----------------------------------------------------
+
+
+@pytest.fixture
+def proxied_postgres() -> Iterator[tuple[str, TcpProxy]]:
+    url, drop = new_postgres_schema()
+    proxy = TcpProxy(5432)
+    yield url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}"), proxy
+    proxy.close()
+    drop()
+
+
+def test_a_database_blink_at_the_end_of_a_turn_costs_a_retry_not_the_answer(
+    proxied_postgres: tuple[str, TcpProxy], stub_server: StubServer, stub: StubControl,
+    listen: Any, producer_app: Any, tmp_path: Path,
+) -> None:
+    url, proxy = proxied_postgres
+    settings = base_settings(
+        database_url=url, backend_url=stub_server.url, queue=f"blink-{uuid.uuid4().hex[:8]}",
+        max_retries=5, retry_backoff_base=0.3, retry_backoff_max=1.0,
+    )
+    worker = start_worker(settings, tmp_path / "worker.log", f"blink-{os.getpid()}@%h")
+    engine = make_engine(settings.database_url.replace(f":{proxy.port}/", ":5432/"), pool_size=1)
+    store = SessionStore(engine)
+    try:
+        turn = make_turn()
+        stub.plan(turn["message_id"], answer_tokens=40, token_delay=0.03)
+        listener = listen(turn["message_id"])
+        submit_turn(turn, celery_app=producer_app, settings=settings)
+        _wait_until_all_streaming([listener])
+
+        proxy.cut(2.0)  # longer than the rest of the answer: the save at the end must fail
+        events = listener.wait_for_end(timeout=30)
+
+        end = assert_single_end(events, "message_end")
+        assert answer_of(events) == end["answer"]
+        assert len(stub.runs(turn["message_id"])) == 1
+        message = store.get_message(turn["message_id"])
+        assert message is not None and message.status == "succeeded"
+        assert message.attempts >= 2, "the blink should have cost at least one retry"
+        snapshot = store.get_snapshot(turn["conversation_id"])
+        assert snapshot is not None and snapshot.version == 1
+        assert "store_unavailable" in (tmp_path / "worker.log").read_text() or \
+            "session store error" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop_worker(worker)
+        engine.dispose()

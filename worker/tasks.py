@@ -42,9 +42,13 @@ def _check_composition_template(**_: Any) -> None:
 
 
 def retry_delay(retries_done: int, settings: Settings) -> float:
-    """Exponential backoff with full jitter: spreads a burst of failed turns over time."""
+    """Exponential backoff with "equal" jitter: half the step fixed, half random.
+
+    The jitter spreads a burst of failed turns over time; the fixed half keeps the total wait
+    growing, so the retries outlast a short outage (full jitter can spend them all at once).
+    """
     ceiling = min(settings.retry_backoff_max, settings.retry_backoff_base * 2**retries_done)
-    return random.uniform(0, ceiling)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @app.task(name=TURN_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
