@@ -261,3 +261,27 @@ def test_a_database_blink_at_the_end_of_a_turn_costs_a_retry_not_the_answer(
     finally:
         stop_worker(worker)
         engine.dispose()
+
+
+def test_a_warm_shutdown_finishes_the_turns_in_flight(
+    crash_settings: Any, crash_store: SessionStore, stub: StubControl, listen: Any,
+    producer_app: Any, tmp_path: Path,
+) -> None:
+    worker = start_worker(crash_settings, tmp_path / "worker.log", f"warm-{os.getpid()}@%h")
+    turns = [make_turn(query=f"deploy {n}") for n in range(5)]
+    listeners = []
+    for turn in turns:
+        stub.plan(turn["message_id"], answer_tokens=30, token_delay=0.04)
+        listeners.append(listen(turn["message_id"]))
+        submit_turn(turn, celery_app=producer_app, settings=crash_settings)
+    _wait_until_all_streaming(listeners)
+
+    worker.send_signal(signal.SIGTERM)  # what a deploy sends first
+    exit_code = worker.wait(timeout=30)
+
+    assert exit_code == 0
+    for turn, listener in zip(turns, listeners, strict=True):
+        end = assert_single_end(listener.wait_for_end(timeout=5), "message_end")
+        assert end["status"] == "succeeded"
+        message = crash_store.get_message(turn["message_id"])
+        assert message is not None and message.attempts == 1
