@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from config.settings import Settings
 from worker.answer import answer_text
@@ -78,6 +80,10 @@ class TurnServices:
             socket_timeout=10,
             socket_connect_timeout=5,
             health_check_interval=30,
+            # A Redis restart or failover of a second or two costs a turn some latency, not an
+            # attempt: commands are retried on a fresh connection with backoff (~3 s in all).
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
         bus = EventBus(
             redis.Redis(connection_pool=pool),
