@@ -182,8 +182,11 @@ class SessionStore:
         self.engine = engine
 
     def create_schema(self) -> None:
+        """Bring the schema to the newest migration (see worker/migrate.py)."""
+        from worker.migrate import upgrade
+
         with self._translate_errors():
-            Base.metadata.create_all(self.engine)
+            upgrade(self.engine)
 
     @contextmanager
     def _transaction(self, message_id: str | None = None) -> Iterator[Session]:

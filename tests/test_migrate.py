@@ -1,0 +1,56 @@
+"""The schema comes from Alembic migrations, on SQLite and PostgreSQL, and matches the models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from tests.conftest import ROOT, base_settings, settings_env
+from worker.migrate import current_revision, head_revision, upgrade
+from worker.store import Base, SessionStore, make_engine
+
+
+def test_migrations_create_exactly_the_schema_the_models_describe(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        upgrade(engine)
+        with engine.connect() as connection:
+            differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert differences == []
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_twice_is_harmless_and_keeps_data(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        store = SessionStore(engine)
+        store.create_schema()
+        tables = set(inspect(engine).get_table_names())
+        store.create_schema()
+        assert {"conversation_snapshots", "assistant_messages", "alembic_version"} <= tables
+        assert set(inspect(engine).get_table_names()) == tables
+    finally:
+        engine.dispose()
+
+
+def test_the_migrate_command_upgrades_the_configured_database(tmp_path: Path) -> None:
+    settings = base_settings(database_url=f"sqlite:///{tmp_path / 'fresh.sqlite3'}")
+    env = {**settings_env(settings), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+
+    finished = subprocess.run([sys.executable, "-m", "worker.migrate"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    assert finished.returncode == 0, finished.stderr
+    assert f"revision {head_revision()}" in finished.stdout
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
