@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     max_conversation_wait_seconds: float = Field(900.0, gt=0)
     supervisor_tick_seconds: float = Field(0.1, gt=0)
 
+    # Observability: the Prometheus scrape port of a worker process (0: off) and how often a
+    # running turn reports its progress (Flower's STREAMING state).
+    metrics_port: int = Field(9808, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    progress_interval_seconds: float = Field(1.0, gt=0)
+
     # Worker process.
     worker_concurrency: int = Field(64, gt=0)
     db_pool_size: int = Field(10, gt=0)

@@ -84,6 +84,7 @@ def base_settings(**overrides: Any) -> Settings:
         "retry_backoff_max": 0.2,
         "worker_concurrency": 8,
         "max_frame_bytes": 64 * 1024,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -492,7 +493,7 @@ def gateway_settings(**overrides: Any) -> Settings:
         "gateway_port": free_port(),
         "gateway_ping_interval_seconds": 0.5,
         "gateway_client_buffer_events": 64,
-        "gateway_send_timeout_seconds": 10.0,
+        "gateway_send_timeout_seconds": 2.0,
         "gateway_redis_health_check_seconds": 1.0,
     }
     values.update(overrides)

@@ -17,14 +17,26 @@ from celery.signals import task_revoked, worker_init
 
 from config.celery import TURN_TASK_NAME
 from config.settings import Settings, get_settings
+from worker import metrics
 from worker.app import app
 from worker.composition import CompositionTemplateError, load_template
 from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload
+from worker.logs import log_stage
 from worker.payload import TurnPayload, parse_turn, valid_message_id
+from worker.progress import ProgressReport, TurnProgress
 from worker.publisher import TurnIds
 from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
 
 log = logging.getLogger(__name__)
+
+
+STREAMING = "STREAMING"
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    settings = get_settings()
+    metrics.serve(settings.metrics_port, settings.metrics_host)
 
 
 @worker_init.connect
@@ -76,6 +88,9 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         payload = parse_turn(turn, settings)
     except InvalidTurnPayload as exc:
         log.warning("turn rejected (task %s): %s", task_id, exc)
+        metrics.TURNS.labels("invalid").inc()
+        log_stage("error", level=logging.WARNING, code=exc.code, task_id=task_id,
+                  message_id=exc.message_id)
         if exc.message_id:
             conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
             ids = TurnIds(task_id, exc.message_id,
@@ -83,8 +98,13 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
             _publish_error(services, ids, exc)
         raise
 
+    progress = TurnProgress(_ids(payload, task_id), report=_streaming_state(self),
+                            interval_seconds=settings.progress_interval_seconds)
+    log_stage("received", task_id=task_id, message_id=payload.message_id,
+              conversation_id=payload.conversation_id, retries=self.request.retries)
     try:
-        return run_turn(payload, task_id=task_id, services=services).summary()
+        return run_turn(payload, task_id=task_id, services=services,
+                        progress=progress).summary()
     except ConversationBusy as busy:
         if _waited_too_long(busy, settings):
             failure: AgentBackendError = busy
@@ -104,13 +124,26 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         delay = retry_delay(attempts_done - 1, settings)
         log.warning("turn %s attempt %d failed, retrying in %.1fs: %s", payload.message_id,
                     attempts_done, delay, failure)
+        progress.failed(failure.code, retrying=True, delay=delay)
         _record_failure(services, payload, failure, final=False)
         raise self.retry(exc=failure, countdown=delay)
     log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
               attempts_done, failure)
+    progress.failed(failure.code, retrying=False)
     _record_failure(services, payload, failure, final=True)
     _publish_error(services, _ids(payload, task_id), failure)
     raise failure
+
+
+def _streaming_state(task: Task) -> ProgressReport:
+    """Report a running turn to Celery: a ``STREAMING`` state in the result backend (what
+    ``AsyncResult.state`` shows) and a ``task-streaming`` event (what Flower shows live)."""
+
+    def report(progress: dict[str, Any]) -> None:
+        task.update_state(state=STREAMING, meta=progress)
+        task.send_event("task-streaming", **progress)
+
+    return report
 
 
 def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:

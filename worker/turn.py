@@ -41,6 +41,7 @@ from worker.errors import (
 )
 from worker.locks import ConversationLocks
 from worker.payload import TurnPayload
+from worker.progress import TurnProgress
 from worker.publisher import EventBus, TurnIds, TurnPublisher
 from worker.store import (
     FINISHED_STATUSES,
@@ -141,30 +142,35 @@ class TurnOutcome:
                 "replayed": self.replayed}
 
 
-def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices) -> TurnOutcome:
+def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
+             progress: TurnProgress | None = None) -> TurnOutcome:
     """One attempt at a turn, holding its conversation's lease while it runs.
 
     Raises ``ConversationBusy`` (after recording the turn as queued) while another turn of the
     conversation runs; the task then waits and tries again without spending a retry.
     """
     new = _new_message(turn, task_id)
-    publisher = services.bus.turn(TurnIds(task_id, turn.message_id, turn.conversation_id))
+    ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
+    publisher = services.bus.turn(ids)
+    progress = progress or TurnProgress(ids)
     control = services.supervisor.register(
         task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
     try:
         if services.supervisor.stop_requested(turn.message_id):
             log.info("turn %s was stopped before it ran", turn.message_id)
-            return _end_stopped(new, publisher, services, partial_answer="", run_id=None)
+            return _end_stopped(new, publisher, services, progress, partial_answer="",
+                                run_id=None)
         lease = services.locks.acquire(turn.conversation_id, turn.message_id)
         if lease is None:
             queued = services.store.mark_queued(new)
+            progress.queued()
             raise ConversationBusy(
                 f"conversation {turn.conversation_id} has a turn running",
                 message_id=turn.message_id,
             ).waiting_since(queued.created_at)
         control.lease = lease
         try:
-            return _attempt(turn, new, publisher, control, services)
+            return _attempt(turn, new, publisher, control, services, progress)
         finally:
             services.locks.release(lease)
     finally:
@@ -174,9 +180,9 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices) -> Turn
 def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
                                services: TurnServices) -> TurnOutcome:
     """End a turn that was stopped before any attempt ran (a revoked task)."""
-    publisher = services.bus.turn(TurnIds(task_id, turn.message_id, turn.conversation_id))
-    return _end_stopped(_new_message(turn, task_id), publisher, services, partial_answer="",
-                        run_id=None)
+    ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
+    return _end_stopped(_new_message(turn, task_id), services.bus.turn(ids), services,
+                        TurnProgress(ids), partial_answer="", run_id=None)
 
 
 def _new_message(turn: TurnPayload, task_id: str) -> NewMessage:
@@ -188,24 +194,26 @@ def _new_message(turn: TurnPayload, task_id: str) -> NewMessage:
 
 
 def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
-             control: TurnControl, services: TurnServices) -> TurnOutcome:
-    started = time.monotonic()
+             control: TurnControl, services: TurnServices,
+             progress: TurnProgress) -> TurnOutcome:
     state = services.store.begin_attempt(new)
     if state.status in FINISHED_STATUSES:
         return _re_emit_end(turn, state, publisher)
+    progress.attempt_started(state.attempts)
     streamed = StreamedAnswer()
     try:
         if services.bus.last_seq(turn.message_id) > 0:
             # An earlier attempt reached the client with text that may not match this one.
             publisher.replace("")
+        creating = time.monotonic()
         run_id, base_version = _start_or_reattach(turn, state, services)
+        progress.run_started(run_id, reattached=run_id == state.run_id,
+                             seconds=time.monotonic() - creating)
         control.run_id = run_id
         if control.stopped:
             services.supervisor.cancel_run_soon(control)
-        log.info("turn %s streaming run %s (attempt %d)", turn.message_id, run_id,
-                 state.attempts)
         terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
-                                 streamed)
+                                 streamed, progress)
         output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
         answer = answer_text(output)
         if len(answer) > services.settings.max_answer_chars:
@@ -215,8 +223,8 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     except AgentBackendError as exc:
         exc.attempts = state.attempts
         if control.stop_reason == STOPPED:
-            return _end_stopped(new, publisher, services, partial_answer=streamed.text(),
-                                run_id=control.run_id)
+            return _end_stopped(new, publisher, services, progress,
+                                partial_answer=streamed.text(), run_id=control.run_id)
         if control.stop_reason == DEADLINE:
             raise TurnTimedOut(
                 f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
@@ -233,8 +241,8 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         usage=usage, run_id=run_id,
     )
     publisher.end(answer, {"usage": usage})
-    log.info("turn %s succeeded: run %s, %d chunks, %.3fs", turn.message_id, run_id,
-             publisher.chunks_published, time.monotonic() - started)
+    progress.ended(MessageStatus.SUCCEEDED, chunks=publisher.chunks_published,
+                   chars=len(answer))
     return TurnOutcome(turn.message_id, run_id, answer, usage, publisher.chunks_published)
 
 
@@ -252,8 +260,9 @@ def _re_emit_end(turn: TurnPayload, state: MessageState,
                        status=state.status, replayed=True)
 
 
-def _end_stopped(new: NewMessage, publisher: TurnPublisher, services: TurnServices, *,
-                 partial_answer: str, run_id: str | None) -> TurnOutcome:
+def _end_stopped(new: NewMessage, publisher: TurnPublisher, services: TurnServices,
+                 progress: TurnProgress, *, partial_answer: str,
+                 run_id: str | None) -> TurnOutcome:
     """End a stopped turn: what was streamed stays the answer; no snapshot is saved.
 
     The backend's snapshot of a cancelled run is not sent back, so the next turn continues from
@@ -262,7 +271,7 @@ def _end_stopped(new: NewMessage, publisher: TurnPublisher, services: TurnServic
     final = services.store.mark_stopped(new, partial_answer=partial_answer)
     answer = final.answer or ""
     publisher.end(answer, {"usage": None}, status=MessageStatus.STOPPED)
-    log.info("turn %s stopped with %d characters", new.message_id, len(answer))
+    progress.ended(MessageStatus.STOPPED, chunks=publisher.chunks_published, chars=len(answer))
     return TurnOutcome(new.message_id, run_id, answer, None, publisher.chunks_published,
                        status=MessageStatus.STOPPED.value)
 
@@ -314,7 +323,7 @@ def _start_or_reattach(
 
 def _relay_answer(
     run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices,
-    control: TurnControl, streamed: StreamedAnswer,
+    control: TurnControl, streamed: StreamedAnswer, progress: TurnProgress,
 ) -> RunEvent:
     """Publish the run's answer deltas as they come; return the terminal event."""
     limit = services.settings.max_answer_chars
@@ -332,6 +341,7 @@ def _relay_answer(
                                         run_id=run_id, message_id=message_id)
             streamed.append(event.answer_delta)
             publisher.delta(event.answer_delta)
+            progress.chunk(publisher.chunks_published, streamed.chars)
     raise BackendUnavailable("the event stream ended without a terminal event",
                              run_id=run_id, message_id=message_id)
 
