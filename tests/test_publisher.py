@@ -22,7 +22,7 @@ import redis
 
 from config.settings import Settings
 from worker.errors import EventBusUnavailable
-from worker.publisher import EventBus, TurnIds
+from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, replay_log_key, seq_key
 
 READ_TIMEOUT = 5.0
 LONG_WINDOW_MS = 60_000.0  # longer than any test: nothing is flushed by the window
@@ -531,3 +531,124 @@ def test_a_flush_that_failed_in_the_background_is_raised_on_the_next_call(
         assert publisher.chunks_published == 2
     finally:
         client.close()
+
+
+# The replay log -----------------------------------------------------------------------------
+
+
+def replay_log(redis_client: redis.Redis, ids: TurnIds) -> list[tuple[bytes, dict[str, Any]]]:
+    return [(entry_id, json.loads(fields[b"data"]))
+            for entry_id, fields in redis_client.xrange(replay_log_key(ids.message_id))]
+
+
+def test_every_message_is_logged_with_the_same_bytes_and_seq_as_it_was_published(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis, settings: Settings,
+) -> None:
+    ids = new_ids()
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(settings.channel_for(ids.message_id))
+    assert pubsub.get_message(timeout=READ_TIMEOUT) is not None
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    publisher.delta("Héllo")
+    publisher.delta(" 👋")
+    publisher.flush()
+    publisher.replace("Hi")
+    publisher.end("Hi", {"usage": None})
+    published = []
+    while len(published) < 4:
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=READ_TIMEOUT)
+        assert message is not None, f"only {len(published)} messages published"
+        published.append(message["data"])
+    pubsub.close()
+    logged = redis_client.xrange(replay_log_key(ids.message_id))
+
+    assert [fields[b"data"] for _, fields in logged] == published
+    assert [entry_id for entry_id, _ in logged] == [b"1-0", b"2-0", b"3-0", b"4-0"]
+    assert [json.loads(data)["seq"] for data in published] == [1, 2, 3, 4]
+
+
+def test_the_log_lives_while_the_turn_writes_and_briefly_after_its_end(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    policy = ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=300, max_events=1000)
+    publisher = make_bus(window_ms=0, replay_log=policy).turn(ids := new_ids())
+    key = replay_log_key(ids.message_id)
+
+    publisher.delta("a")
+    redis_client.expire(key, 10)  # as if time had passed: the next write refreshes it
+    publisher.delta("b")
+    live_ttl = redis_client.ttl(key)
+    publisher.end("ab", {"usage": None})
+
+    assert 3590 < live_ttl <= 3600
+    assert 290 < redis_client.ttl(key) <= 300
+    assert redis_client.ttl(seq_key(ids.message_id)) > 3600, "the counter outlives the log"
+
+
+def test_an_error_also_shortens_the_logs_life(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    policy = ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=60, max_events=1000)
+    publisher = make_bus(window_ms=0, replay_log=policy).turn(ids := new_ids())
+
+    publisher.delta("partial")
+    publisher.error(status=500, code="internal_error", message="boom")
+
+    assert 50 < redis_client.ttl(replay_log_key(ids.message_id)) <= 60
+
+
+def test_the_log_never_outlives_the_seq_counter(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    policy = ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=300, max_events=1000)
+    bus = make_bus(window_ms=0, state_ttl_seconds=120, replay_log=policy)
+
+    bus.turn(ids := new_ids()).delta("x")
+
+    assert 0 < redis_client.ttl(replay_log_key(ids.message_id)) <= 120
+
+
+def test_the_length_bound_covers_the_longest_turn_the_settings_allow(settings: Settings) -> None:
+    policy = ReplayLogPolicy.from_settings(settings)
+    # Every agent_message carries at least one character of an attempt's streamed text.
+    longest_attempt = settings.max_answer_chars + 3  # + replace(""), structured replace, end
+    attempts = settings.max_retries + 1
+
+    assert policy.max_events >= attempts * longest_attempt
+    assert (policy.ttl_seconds, policy.ttl_after_end_seconds) == (
+        settings.replay_log_ttl_seconds, settings.replay_log_ttl_after_end_seconds)
+
+
+def test_a_bound_below_the_log_length_trims_only_whole_old_nodes(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    policy = ReplayLogPolicy(ttl_seconds=60, ttl_after_end_seconds=60, max_events=10)
+    publisher = make_bus(window_ms=0, replay_log=policy).turn(ids := new_ids())
+
+    for index in range(300):
+        publisher.delta(str(index))
+
+    entries = redis_client.xrange(replay_log_key(ids.message_id))
+    assert 10 <= len(entries) < 300
+    assert entries[-1][0] == b"300-0"
+
+
+def test_a_two_thousand_token_answer_takes_a_few_hundred_kilobytes_of_log(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    """The realistic worst case: a model at 50 tokens/s against the 40 ms coalescing window
+    leaves two tokens per message: about a thousand entries (docs/gateway.md)."""
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids := new_ids())
+    words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
+    tokens = [f" {words[index % len(words)]}" for index in range(2000)]
+
+    for index, token in enumerate(tokens):
+        publisher.delta(token)
+        if index % 2 == 1:
+            publisher.flush()  # what the window does at this pace
+    publisher.end("".join(tokens), {"usage": {"completion_tokens": 2000}})
+
+    key = replay_log_key(ids.message_id)
+    assert redis_client.xlen(key) == 1002  # the first token alone, then pairs, then the end
+    assert redis_client.memory_usage(key, samples=0) < 512 * 1024

@@ -5,7 +5,9 @@ whole interface, see docs/contract.md), but using it buys validation before enqu
 bad payload fails in the request that made it rather than in a worker.
 
 Subscribe to ``channel_for(message_id)`` before enqueueing when every event matters: Redis
-pub/sub delivers only to subscribers present at publish time.
+pub/sub delivers only to subscribers present at publish time. Or hand the browser the turn's
+``stream_token`` and let it read the turn from the SSE gateway, which replays what it missed
+(docs/gateway.md).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config.celery import TURN_TASK_NAME
+from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
+from gateway.tokens import mint_stream_token
 from worker.payload import TurnPayload, parse_turn
 from worker.supervisor import CONTROL_CHANNEL, stop_key
 
@@ -32,6 +35,17 @@ class SubmittedTurn:
     message_id: str
     conversation_id: str
     channel: str
+    # Lets the turn's user read it from the SSE gateway (docs/gateway.md); give it to them.
+    stream_token: str
+
+
+def stream_token_for(message_id: str, user_id: str, settings: Settings | None = None) -> str:
+    """A token for the SSE gateway that lets ``user_id`` read turn ``message_id`` for
+    ``AGENT_TURN_GATEWAY_TOKEN_TTL_SECONDS``, e.g. to mint a fresh one when a page reloads."""
+    settings = settings or get_settings()
+    return mint_stream_token(settings.gateway_secret.get_secret_value().encode(),
+                             message_id=message_id, user_id=user_id,
+                             ttl_seconds=settings.gateway_token_ttl_seconds)
 
 
 def new_id() -> str:
@@ -60,15 +74,17 @@ def submit_turn(
         from worker.app import app as celery_app
     task_id = new_id()
     _remember_task(settings, task_id=task_id, message_id=payload.message_id)
+    turn = payload.model_dump(mode="json")
     result = celery_app.send_task(
-        TURN_TASK_NAME, kwargs={"turn": payload.model_dump(mode="json")}, queue=settings.queue,
-        task_id=task_id,
+        TURN_TASK_NAME, kwargs={"turn": turn}, queue=settings.queue, task_id=task_id,
+        argsrepr=TURN_ARGSREPR, kwargsrepr=turn_kwargsrepr(turn),
     )
     return SubmittedTurn(
         task_id=result.id,
         message_id=payload.message_id,
         conversation_id=payload.conversation_id,
         channel=settings.channel_for(payload.message_id),
+        stream_token=stream_token_for(payload.message_id, payload.user_id, settings),
     )
 
 

@@ -10,6 +10,12 @@ in the shape of Dify's chat streaming frames (docs/contract.md). Two properties 
   user notices); later ones wait until ``window`` has passed or ``max_chars`` are buffered. The
   window is kept by one ``FlushScheduler`` thread per process, so a model that pauses mid-answer
   does not hold buffered text back until its next token.
+
+Pub/sub alone is at-most-once: a subscriber that connects late, or reconnects, misses what went
+before. So every message is also appended to the turn's replay log, a Redis Stream whose entry
+ids are the seqs (``<seq>-0``), by the same Lua call that publishes it: a message is either in
+both the log and the channel or in neither, and a reader that subscribes first and then reads
+the log misses nothing (the SSE gateway, gateway/relay.py, does exactly that).
 """
 
 from __future__ import annotations
@@ -17,24 +23,89 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
+from config.settings import Settings, get_settings
 from worker.errors import EventBusUnavailable
 
-# KEYS[1]: the turn's sequence counter. ARGV: channel, message JSON without its closing brace,
-# counter TTL in seconds. Returns the seq the message went out with.
+log = logging.getLogger(__name__)
+
+# KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log. ARGV: channel, message JSON
+# without its closing brace, counter TTL, log TTL (both in seconds), log length bound. Returns the
+# seq the message went out with. The log entry and the pub/sub message are the same bytes.
 _PUBLISH_SCRIPT = """
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. ',"seq":' .. seq .. '}')
+local message = ARGV[2] .. ',"seq":' .. seq .. '}'
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'data', message)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('PUBLISH', ARGV[1], message)
 return seq
 """
+
+# The events after which nothing more belongs to a turn (docs/contract.md).
+TERMINAL_EVENTS = frozenset({"message_end", "error"})
+
+# Re-deliveries of a finished turn each publish its message_end once more (docs/contract.md); the
+# log bound leaves room for this many without trimming the turn itself.
+REDELIVERY_ALLOWANCE = 100
+
+
+def seq_key(message_id: str) -> str:
+    """The turn's seq counter."""
+    return f"agent-turn:seq:{message_id}"
+
+
+def replay_log_key(message_id: str) -> str:
+    """The turn's replay log: a Stream of its messages, entry id ``<seq>-0``, field ``data``."""
+    return f"agent-turn:log:{message_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLogPolicy:
+    """How long a turn's replay log lives and how long it may grow.
+
+    ``max_events`` is a bound that can never cut a live turn's log: a client that connects late
+    needs every entry from seq 1 (deltas only add up from the start), so the bound must be at
+    least the most messages one turn can publish. Each attempt publishes at most one
+    ``message_replace("")`` when it starts, one ``agent_message`` per delta flush (every flush
+    carries at least one character and the worker stops an attempt whose streamed text passes
+    ``max_answer_chars``), one ``message_replace`` with the structured answer and one end or
+    ``error``; a turn makes at most ``max_retries + 1`` attempts. What keeps a real turn small
+    is coalescing (a flush per window or per ``coalesce_max_chars``, tens to hundreds of entries
+    for a long answer) and the shorter TTL once it has ended; the bound only stops a runaway.
+    """
+
+    ttl_seconds: int
+    ttl_after_end_seconds: int
+    max_events: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReplayLogPolicy:
+        per_attempt = settings.max_answer_chars + 3
+        return cls(
+            ttl_seconds=settings.replay_log_ttl_seconds,
+            ttl_after_end_seconds=settings.replay_log_ttl_after_end_seconds,
+            max_events=(settings.max_retries + 1) * per_attempt + REDELIVERY_ALLOWANCE,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientText:
+    """How much answer text an earlier attempt left on the client's screen."""
+
+    published: bool
+    chars: int
+    resumable: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +116,21 @@ class TurnIds:
 
 
 class FlushScheduler:
-    """Flushes coalescing buffers whose window has passed, for every turn of the process."""
+    """Flushes coalescing buffers whose window has passed, for every turn of the process.
+
+    The timer thread only hands due flushes to a few flusher threads: flushes that fall due
+    together then publish together (``GroupCommit``), instead of one round trip after another
+    on a single thread, which is what bounded a worker with a thousand turns.
+    """
+
+    FLUSHERS = 32
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._flushers = ThreadPoolExecutor(self.FLUSHERS, thread_name_prefix="flush")
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
         with self._wakeup:
@@ -70,8 +149,125 @@ class FlushScheduler:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
                     self._wakeup.wait(timeout)
-                _, _, callback = heapq.heappop(self._heap)
-            callback()
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap)[2])
+            for callback in due:
+                self._flushers.submit(_run_logged, callback)
+
+
+def _run_logged(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("a scheduled flush failed")
+
+
+class _PendingCall:
+    """One caller's publish, waiting in a ``GroupCommit`` queue."""
+
+    __slots__ = ("args", "designated", "done", "keys", "ready", "result", "waiting")
+
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys, self.args = keys, args
+        self.ready = threading.Event()  # set when done, or when this caller is to lead
+        self.done = self.waiting = self.designated = False
+        self.result: Any = None
+
+    def finish(self, result: Any) -> None:
+        self.result, self.done = result, True
+        self.ready.set()
+
+
+class GroupCommit:
+    """Runs a Lua script for all callers that arrive together in one pipelined round trip.
+
+    The first caller leads: it sends every call queued so far as one pipeline, then hands the
+    lead to the oldest caller that queued meanwhile. A call alone costs the one round trip it
+    always did; when a thousand turns publish at once, one round trip carries many calls (one
+    send, one receive), which is most of the worker's cost of an event. Calls run in the order
+    they were queued, so a turn's events keep their order.
+    """
+
+    def __init__(self, client: redis.Redis, script: Any) -> None:
+        self._client = client
+        self._script = script
+        self._lock = threading.Lock()
+        self._queue: list[_PendingCall] = []
+        self._leading = False
+
+    def call(self, keys: list[str], args: list[Any]) -> Any:
+        pending = _PendingCall(keys, args)
+        with self._lock:
+            self._queue.append(pending)
+            lead = not self._leading
+            self._leading = True
+            pending.waiting = not lead
+        try:
+            while not lead:
+                pending.ready.wait()
+                with self._lock:
+                    if pending.done:
+                        break
+                    pending.ready.clear()
+                    lead, pending.designated, pending.waiting = pending.designated, False, False
+            else:
+                self._lead()
+        except BaseException:
+            self._give_up(pending)
+            raise
+        if isinstance(pending.result, BaseException):
+            raise pending.result
+        return pending.result
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue, []
+        results: list[Any] = []
+        try:
+            results = self._run(batch)
+        except Exception as exc:  # the round trip failed: so did every call it carried
+            results = [exc] * len(batch)
+        finally:
+            if len(results) != len(batch):  # interrupted mid-round-trip
+                results = [EventBusUnavailable("publishing was interrupted")] * len(batch)
+            for pending, result in zip(batch, results, strict=True):
+                pending.finish(result)
+            with self._lock:
+                self._hand_on_locked()
+
+    def _hand_on_locked(self) -> None:
+        successor = next((p for p in self._queue if p.waiting), None)
+        if successor is None:
+            self._leading = False
+        else:
+            successor.designated = True
+            successor.ready.set()
+
+    def _give_up(self, pending: _PendingCall) -> None:
+        """A caller interrupted while waiting must not keep the lead it was handed."""
+        with self._lock:
+            pending.waiting = False
+            if pending.designated:
+                pending.designated = False
+                self._hand_on_locked()
+
+    def _run(self, batch: list[_PendingCall]) -> list[Any]:
+        pipeline = self._client.pipeline(transaction=False)
+        for pending in batch:
+            pipeline.evalsha(self._script.sha, len(pending.keys), *pending.keys, *pending.args)
+        results = pipeline.execute(raise_on_error=False)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:  # Redis restarted or its script cache was flushed: load it, run those again
+            self._client.script_load(self._script.script)
+            again = self._client.pipeline(transaction=False)
+            for i in missing:
+                again.evalsha(self._script.sha, len(batch[i].keys), *batch[i].keys,
+                              *batch[i].args)
+            for i, result in zip(missing, again.execute(raise_on_error=False), strict=True):
+                results[i] = result
+        return list(results)
 
 
 class EventBus:
@@ -85,20 +281,28 @@ class EventBus:
         state_ttl_seconds: int = 24 * 3600,
         coalesce_window_ms: float = 40.0,
         coalesce_max_chars: int = 512,
+        replay_log: ReplayLogPolicy | None = None,
     ) -> None:
         self.redis = redis_client
         self._channel_for = channel_for
         self._state_ttl = state_ttl_seconds
+        # Read from the process's settings when not given, so that the worker's log follows
+        # AGENT_TURN_REPLAY_LOG_* whoever builds its bus.
+        self.replay_log = replay_log or ReplayLogPolicy.from_settings(get_settings())
         self._window = coalesce_window_ms / 1000.0
         self._max_chars = coalesce_max_chars
         self._script = redis_client.register_script(_PUBLISH_SCRIPT)
+        self._commit = GroupCommit(redis_client, self._script)
         self.scheduler = FlushScheduler()
 
     def turn(self, ids: TurnIds) -> TurnPublisher:
         return TurnPublisher(self, ids)
 
     def seq_key(self, message_id: str) -> str:
-        return f"agent-turn:seq:{message_id}"
+        return seq_key(message_id)
+
+    def replay_log_key(self, message_id: str) -> str:
+        return replay_log_key(message_id)
 
     def last_seq(self, message_id: str) -> int:
         try:
@@ -106,6 +310,28 @@ class EventBus:
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"reading the turn's event counter failed: {exc}",
                                       message_id=message_id) from exc
+
+    def client_text(self, message_id: str) -> ClientText:
+        """What a client following this turn shows now, read back from the replay log.
+
+        A retry that re-attaches to the run an earlier attempt streamed can then skip the text
+        the client already has instead of resetting it; anything it cannot vouch for (a log
+        gone before the counter, a structured replace) is reported as not resumable.
+        """
+        try:
+            published = self.last_seq(message_id) > 0
+            entries = self.redis.xrange(replay_log_key(message_id)) if published else []
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"reading the turn's replay log failed: {exc}",
+                                      message_id=message_id) from exc
+        chars, resumable = 0, bool(entries) or not published
+        for _, fields in entries:
+            event = json.loads(fields[b"data"])
+            if event["event"] == "agent_message":
+                chars += len(event["answer"])
+            elif event["event"] == "message_replace":
+                chars, resumable = len(event["answer"]), event["answer"] == ""
+        return ClientText(published=published, chars=chars, resumable=resumable)
 
     def publish(self, ids: TurnIds, event: str, fields: dict[str, Any]) -> int:
         message = {
@@ -117,10 +343,15 @@ class EventBus:
             **fields,
         }
         body = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        policy = self.replay_log
+        log_ttl = policy.ttl_after_end_seconds if event in TERMINAL_EVENTS else policy.ttl_seconds
+        # The counter must outlive the log: entry ids are seqs and must keep growing.
+        log_ttl = min(log_ttl, self._state_ttl)
         try:
-            return int(self._script(keys=[self.seq_key(ids.message_id)],
-                                    args=[self._channel_for(ids.message_id), body[:-1],
-                                          self._state_ttl]))
+            return int(self._commit.call(
+                [seq_key(ids.message_id), replay_log_key(ids.message_id)],
+                [self._channel_for(ids.message_id), body[:-1], self._state_ttl, log_ttl,
+                 policy.max_events]))
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"publishing {event} failed: {exc}",
                                       message_id=ids.message_id) from exc

@@ -1,0 +1,146 @@
+"""Server-Sent Events on the wire: frames, keepalive pings, and a response that knows when to end.
+
+The frames are Dify's chat streaming format — ``data: {json}`` and a blank line — with an ``id:``
+line carrying the event's ``seq``, so that a browser's EventSource sends it back as
+``Last-Event-ID`` when it reconnects. While no event is due, ``event: ping`` goes out every
+``ping_interval`` seconds: proxies and load balancers close connections that look idle, and a
+client can tell a quiet turn from a dead connection.
+
+``EventStreamResponse`` stops streaming, whichever comes first, when its source says the stream
+is over, when the client goes away, when a single write has waited ``send_timeout`` seconds for
+the client to take bytes, or when ``abort`` is set (the relay sets it for a client that fell too
+far behind). Nothing here knows about Redis or turns: the source is anything with
+``next_frame``/``aclose``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Mapping
+from typing import Protocol
+
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+PING_FRAME = b"event: ping\n\n"
+
+# What stops proxies from buffering or caching the stream (nginx honours X-Accel-Buffering).
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def encode_frame(data: str, *, event_id: int | None = None, event: str | None = None) -> bytes:
+    """One SSE frame. A line break in ``data`` starts a new ``data:`` line, as the spec says."""
+    lines = []
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    if event is not None:
+        lines.append(f"event: {event}")
+    lines.extend(f"data: {line}" for line in data.splitlines() or [""])
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+class CloseReason(enum.Enum):
+    """Why a stream stopped; the source is told, for its log line and its clean-up."""
+
+    ENDED = "ended"
+    CLIENT_GONE = "client_disconnected"
+    TOO_SLOW = "client_too_slow"
+    SEND_TIMEOUT = "send_timeout"
+    CANCELLED = "cancelled"  # the server is shutting down
+
+
+class FrameSource(Protocol):
+    async def next_frame(self) -> bytes | None:
+        """The next frame to send, waiting as long as it takes; None when the stream is over."""
+
+    async def aclose(self, reason: CloseReason) -> None:
+        """Release what the stream held; called once, however it stopped."""
+
+
+class _SendTimedOut(Exception):
+    pass
+
+
+class EventStreamResponse(Response):
+    """A ``text/event-stream`` response fed by a ``FrameSource``, with pings while it is idle.
+
+    A stream that ends because the client is slow ends without the closing chunk: the client
+    cannot take it anyway, and returning lets the server close the connection (uvicorn logs
+    "returned without completing response" for it).
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, source: FrameSource, *, ping_interval: float, send_timeout: float,
+                 abort: asyncio.Event | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**STREAM_HEADERS, **(headers or {})})
+        self._source = source
+        self._ping_interval = ping_interval
+        self._send_timeout = send_timeout
+        self._abort = abort
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.create_task(self._pump(send))
+        watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE}
+        if self._abort is not None:
+            watchers[asyncio.create_task(self._abort.wait())] = CloseReason.TOO_SLOW
+        done: set[asyncio.Task[None]] = set()
+        error: BaseException | None = None
+        try:
+            done, _ = await asyncio.wait({pump, *watchers},
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, *watchers):
+                task.cancel()
+            await asyncio.gather(pump, *watchers, return_exceptions=True)
+            if pump in done:
+                error = pump.exception()
+                reason = (CloseReason.SEND_TIMEOUT if isinstance(error, _SendTimedOut)
+                          else CloseReason.ENDED)
+            else:
+                reason = next((watchers[task] for task in done), CloseReason.CANCELLED)
+            await self._source.aclose(reason)
+        if error is not None and not isinstance(error, _SendTimedOut):
+            raise error
+
+    async def _pump(self, send: Send) -> None:
+        await self._send({"type": "http.response.start", "status": self.status_code,
+                          "headers": self.raw_headers}, send)
+        pending: asyncio.Future[bytes | None] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(self._source.next_frame())
+                done, _ = await asyncio.wait({pending}, timeout=self._ping_interval)
+                if not done:
+                    await self._send_body(send, PING_FRAME)
+                    continue
+                frame, pending = pending.result(), None
+                if frame is None:
+                    await self._send_body(send, b"", more_body=False)
+                    return
+                await self._send_body(send, frame)
+        finally:
+            if pending is not None:
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+
+    async def _send_body(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
+        await self._send({"type": "http.response.body", "body": body, "more_body": more_body},
+                         send)
+
+    async def _send(self, message: Message, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await send(message)
+        except TimeoutError:
+            raise _SendTimedOut from None
+
+
+async def _client_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
