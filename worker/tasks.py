@@ -15,7 +15,7 @@ from typing import Any
 from celery import Task
 from celery.signals import task_revoked, worker_init
 
-from config.celery import TURN_TASK_NAME
+from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
 from worker import metrics
 from worker.app import app
@@ -76,7 +76,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         log.error("turn task %s cannot reach its services: %s", task_id, exc)
         if exc.retryable and self.request.retries < settings.max_retries:
             delay = retry_delay(self.request.retries, settings)
-            raise self.retry(exc=exc, countdown=delay) from exc
+            raise self.retry(exc=exc, countdown=delay, **_shown(turn)) from exc
         raise
     try:
         if args or unexpected:
@@ -110,7 +110,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
             failure: AgentBackendError = busy
         else:
             raise self.retry(exc=busy, countdown=settings.conversation_wait_retry_seconds,
-                             max_retries=None) from None
+                             max_retries=None, **_shown(turn)) from None
     except AgentBackendError as exc:
         failure = exc.with_ids(message_id=payload.message_id)
     except Exception as exc:
@@ -126,7 +126,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
                     attempts_done, delay, failure)
         progress.failed(failure.code, retrying=True, delay=delay)
         _record_failure(services, payload, failure, final=False)
-        raise self.retry(exc=failure, countdown=delay)
+        raise self.retry(exc=failure, countdown=delay, **_shown(turn))
     log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
               attempts_done, failure)
     progress.failed(failure.code, retrying=False)
@@ -136,14 +136,25 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
 
 
 def _streaming_state(task: Task) -> ProgressReport:
-    """Report a running turn to Celery: a ``STREAMING`` state in the result backend (what
-    ``AsyncResult.state`` shows) and a ``task-streaming`` event (what Flower shows live)."""
+    """Report a running turn to Celery as a ``STREAMING`` state with its progress, in the result
+    backend: ``AsyncResult.state``/``.info`` and Flower's ``/api/task/result/<id>`` show it.
+
+    Not also as a custom task event: events sent from the pool's threads through the producer
+    pool were seen to race the worker's own task events, and Flower then lost a turn's
+    ``task-succeeded`` (its view stuck at the custom state).
+    """
 
     def report(progress: dict[str, Any]) -> None:
         task.update_state(state=STREAMING, meta=progress)
-        task.send_event("task-streaming", **progress)
 
     return report
+
+
+def _shown(turn: Any) -> dict[str, str]:
+    """What a retried turn shows in Flower: Celery would otherwise rebuild it from the full
+    payload (query, inputs, agent settings)."""
+    fields = turn if isinstance(turn, dict) else {}
+    return {"argsrepr": TURN_ARGSREPR, "kwargsrepr": turn_kwargsrepr(fields)}
 
 
 def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:
