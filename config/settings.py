@@ -111,10 +111,13 @@ class Settings(BaseSettings):
     # running turn reports its progress (Flower's STREAMING state).
     metrics_port: int = Field(9808, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
-    progress_interval_seconds: float = Field(1.0, gt=0)
+    # 5 s: at a thousand turns a 1 s report was half the worker's CPU (docs/performance.md).
+    progress_interval_seconds: float = Field(5.0, gt=0)
 
-    # Worker process.
-    worker_concurrency: int = Field(64, gt=0)
+    # Worker process. A turn waits on the model nearly all its life, so one process runs many
+    # at once on an I/O pool (threads; docs/performance.md compares gevent). The Redis, HTTP and
+    # broker pools are sized from worker_concurrency.
+    worker_concurrency: int = Field(1000, gt=0)
     db_pool_size: int = Field(10, gt=0)
 
     @field_validator("allowed_models", mode="before")
@@ -152,6 +155,9 @@ class Settings(BaseSettings):
     def channel_for(self, message_id: str) -> str:
         """The pub/sub channel a turn's events go to: one per turn, named by its message id."""
         return f"{self.channel_prefix}{message_id}"
+
+    # Readiness (worker/health.py): how long each dependency may take to answer the probe.
+    health_timeout_seconds: float = Field(2.0, gt=0)
 
 
 @lru_cache(maxsize=1)
