@@ -8,14 +8,20 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 
+from config.celery import celery_config
 from stub_backend import StubServer
 from tests.conftest import (
     RunningWorker,
@@ -189,6 +195,10 @@ def test_turns_survive_a_worker_killed_mid_stream_with_one_answer_and_one_run_ea
             assert expected["composition"]["layers"][1]["config"]["user"] == turn["query"]
             assert end["answer"].startswith(f"[turn 1] You said: {turn['query']}.")
             assert answer_of(events) == end["answer"]
+            assert "message_replace" not in [e["event"] for e in events], (
+                "the new worker re-attaches to the same run: the client keeps its text")
+            assert "".join(e["answer"] for e in events if e["event"] == "agent_message") == (
+                end["answer"]), "each character reaches the client exactly once"
             assert len(stub.runs(turn["message_id"])) == 1, "the model must not be paid twice"
             message = crash_store.get_message(turn["message_id"])
             assert message is not None
@@ -285,3 +295,107 @@ def test_a_warm_shutdown_finishes_the_turns_in_flight(
         assert end["status"] == "succeeded"
         message = crash_store.get_message(turn["message_id"])
         assert message is not None and message.attempts == 1
+
+
+# Redis restarted mid-turn -----------------------------------------------------------------
+
+
+@dataclass
+class RestartableRedis:
+    """A redis-server of the test's own that keeps its data across a restart (AOF), as a
+    production Redis does; the shared one on 6379 is left alone."""
+
+    directory: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()  # SIGTERM: Redis flushes its AOF and exits
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(tmp_path, _free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def read_log(client: redis.Redis, message_id: str) -> list[dict[str, Any]]:
+    return [json.loads(fields[b"data"])
+            for _, fields in client.xrange(f"agent-turn:log:{message_id}")]
+
+
+def test_a_redis_restart_mid_turn_costs_latency_not_the_answer(
+    own_redis: RestartableRedis, stub_server: StubServer, stub: StubControl,
+    tmp_path: Path,
+) -> None:
+    base = f"redis://127.0.0.1:{own_redis.port}"
+    settings = base_settings(
+        broker_url=f"{base}/0", result_backend=f"{base}/1", pubsub_url=f"{base}/2",
+        database_url=sqlite_url(tmp_path), backend_url=stub_server.url,
+        turn_deadline_seconds=30.0, visibility_timeout_seconds=60.0,
+    )
+    producer = Celery("restart-producer")
+    producer.config_from_object(celery_config(settings))
+    worker = start_worker(settings, tmp_path / "worker.log", f"restart-{os.getpid()}@%h")
+    bus = redis.Redis.from_url(f"{base}/2", socket_timeout=5)
+    engine = make_engine(settings.database_url, pool_size=1)
+    try:
+        turn = make_turn()
+        stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.04)
+        submit_turn(turn, celery_app=producer, settings=settings)
+        _wait_for(lambda: sum(e["event"] == "agent_message"
+                              for e in read_log(bus, turn["message_id"])) >= 2)
+
+        own_redis.stop()
+        own_redis.start()
+
+        _wait_for(lambda: any(e["event"] in ("message_end", "error")
+                              for e in read_log(bus, turn["message_id"])), timeout=30)
+        events = read_log(bus, turn["message_id"])
+        end = assert_single_end(events, "message_end")
+        assert answer_of(events) == end["answer"]
+        assert end["answer"].startswith("[turn 1] You said: hi.")
+        assert len(stub.runs(turn["message_id"])) == 1
+        message = SessionStore(engine).get_message(turn["message_id"])
+        assert message is not None and (message.status, message.answer) == (
+            "succeeded", end["answer"])
+    finally:
+        stop_worker(worker)
+        bus.close()
+        engine.dispose()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)

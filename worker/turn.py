@@ -202,18 +202,25 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     progress.attempt_started(state.attempts)
     streamed = StreamedAnswer()
     try:
-        if services.bus.last_seq(turn.message_id) > 0:
-            # An earlier attempt reached the client with text that may not match this one.
-            publisher.replace("")
+        shown = services.bus.client_text(turn.message_id)
         creating = time.monotonic()
         run_id, base_version = _start_or_reattach(turn, state, services)
-        progress.run_started(run_id, reattached=run_id == state.run_id,
+        reattached = run_id == state.run_id
+        progress.run_started(run_id, reattached=reattached,
                              seconds=time.monotonic() - creating)
+        # What an earlier attempt streamed stays on the client's screen. The same run replays
+        # the same text, so the client only needs the rest; a new run may answer otherwise, so
+        # the client is told to start again.
+        skip_chars = 0
+        if shown.published and reattached and shown.resumable:
+            skip_chars = shown.chars
+        elif shown.published:
+            publisher.replace("")
         control.run_id = run_id
         if control.stopped:
             services.supervisor.cancel_run_soon(control)
         terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
-                                 streamed, progress)
+                                 streamed, progress, skip_chars)
         output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
         answer = answer_text(output)
         if len(answer) > services.settings.max_answer_chars:
@@ -324,8 +331,13 @@ def _start_or_reattach(
 def _relay_answer(
     run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices,
     control: TurnControl, streamed: StreamedAnswer, progress: TurnProgress,
+    skip_chars: int = 0,
 ) -> RunEvent:
-    """Publish the run's answer deltas as they come; return the terminal event."""
+    """Publish the run's answer deltas as they come; return the terminal event.
+
+    The first ``skip_chars`` characters are counted but not published: the client has them
+    from an earlier attempt at the same run.
+    """
     limit = services.settings.max_answer_chars
     events = services.backend.stream_events(run_id, message_id=message_id, watcher=control)
     for event in events:
@@ -340,8 +352,12 @@ def _relay_answer(
                 raise ProtocolViolation(f"the streamed answer exceeds {limit} characters",
                                         run_id=run_id, message_id=message_id)
             streamed.append(event.answer_delta)
-            publisher.delta(event.answer_delta)
-            progress.chunk(publisher.chunks_published, streamed.chars)
+            fresh = event.answer_delta
+            if skip_chars:
+                fresh, skip_chars = fresh[skip_chars:], max(0, skip_chars - len(fresh))
+            if fresh:
+                publisher.delta(fresh)
+                progress.chunk(publisher.chunks_published, streamed.chars)
     raise BackendUnavailable("the event stream ended without a terminal event",
                              run_id=run_id, message_id=message_id)
 
