@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from tests.conftest import ROOT, base_settings, settings_env
 from worker.migrate import current_revision, head_revision, upgrade
@@ -51,6 +51,33 @@ def test_the_migrate_command_upgrades_the_configured_database(tmp_path: Path) ->
     assert f"revision {head_revision()}" in finished.stdout
     engine = make_engine(settings.database_url, pool_size=1)
     try:
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_made_before_migrations_is_adopted_and_upgraded(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        Base.metadata.create_all(engine)  # how the store made its tables before Alembic
+
+        SessionStore(engine).create_schema()
+
+        assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_a_schema_with_an_empty_revision_table_is_adopted_too(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        Base.metadata.create_all(engine)
+        with engine.begin() as connection:  # what an interrupted first upgrade can leave
+            connection.execute(text("CREATE TABLE alembic_version "
+                                    "(version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
+
+        SessionStore(engine).create_schema()
+
         assert current_revision(engine) == head_revision()
     finally:
         engine.dispose()

@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from config.settings import get_settings
 from worker.store import make_engine
@@ -22,6 +22,7 @@ from worker.store import make_engine
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Any fixed 64-bit number: the key of the advisory lock that serialises concurrent upgrades.
 _UPGRADE_LOCK_KEY = 7_310_224_511
+_FIRST_REVISION = "0001"
 
 
 def alembic_config() -> Config:
@@ -37,7 +38,17 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": _UPGRADE_LOCK_KEY})
         config.attributes["connection"] = connection
+        if _unversioned_schema(connection):
+            # Made by create_all before migrations existed: the same tables as revision 0001.
+            command.stamp(config, _FIRST_REVISION)
         command.upgrade(config, revision)
+
+
+def _unversioned_schema(connection: Connection) -> bool:
+    """The store's tables without a recorded revision (an empty alembic_version included)."""
+    if "assistant_messages" not in inspect(connection).get_table_names():
+        return False
+    return MigrationContext.configure(connection).get_current_revision() is None
 
 
 def current_revision(engine: Engine) -> str | None:
