@@ -284,6 +284,16 @@ def answer_of(events: list[dict[str, Any]]) -> str:
     return text
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0,
+               interval: float = 0.02) -> None:
+    """Poll a condition that no event announces (a row, a stub's run state), bounded in time."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
 def submit_and_wait(turn: dict[str, Any], listen: Any, producer_app: Any,
                     worker: RunningWorker, timeout: float = WAIT_SECONDS) -> list[dict[str, Any]]:
     """Subscribe, enqueue through the producer helper, and collect the turn's events."""

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from tests.conftest import (
     start_worker,
     stop_worker,
     submit_and_wait,
+    wait_until,
 )
 from worker.client import submit_turn
 from worker.store import SessionStore, make_engine
@@ -371,13 +372,13 @@ def test_a_redis_restart_mid_turn_costs_latency_not_the_answer(
         turn = make_turn()
         stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.04)
         submit_turn(turn, celery_app=producer, settings=settings)
-        _wait_for(lambda: sum(e["event"] == "agent_message"
+        wait_until(lambda: sum(e["event"] == "agent_message"
                               for e in read_log(bus, turn["message_id"])) >= 2)
 
         own_redis.stop()
         own_redis.start()
 
-        _wait_for(lambda: any(e["event"] in ("message_end", "error")
+        wait_until(lambda: any(e["event"] in ("message_end", "error")
                               for e in read_log(bus, turn["message_id"])), timeout=30)
         events = read_log(bus, turn["message_id"])
         end = assert_single_end(events, "message_end")
@@ -391,11 +392,3 @@ def test_a_redis_restart_mid_turn_costs_latency_not_the_answer(
         stop_worker(worker)
         bus.close()
         engine.dispose()
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)

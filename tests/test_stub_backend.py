@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from stub_backend import StubServer, StubSettings
+from tests.conftest import wait_until
 
 TIMEOUT = (5.0, 10.0)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -175,13 +176,6 @@ def events_of(frames: list[Frame]) -> list[dict[str, Any]]:
 
 def answer_deltas(events: list[dict[str, Any]]) -> str:
     return "".join(e.get("agent_message_delta") or "" for e in events)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def run_status(server: StubServer, run_id: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import (
     base_settings,
     make_turn,
     sqlite_url,
+    wait_until,
 )
 from worker.client import stop_turn, submit_turn
 from worker.errors import TurnTimedOut
@@ -182,13 +182,5 @@ def test_a_turn_past_its_deadline_is_cancelled_and_times_out(
     assert not raised.value.retryable
     [run] = stub.runs(turn["message_id"])
     assert raised.value.run_id == run["run_id"]
-    _wait(lambda: stub.runs(turn["message_id"])[0]["status"] == "cancelled")
+    wait_until(lambda: stub.runs(turn["message_id"])[0]["status"] == "cancelled")
     assert short_deadline_services.store.get_snapshot(turn["conversation_id"]) is None
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        threading.Event().wait(0.02)

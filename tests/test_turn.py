@@ -7,7 +7,6 @@ conversation, limits, cancellation and what a retry attempt tells the client.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.conftest import (
     base_settings,
     make_turn,
     sqlite_url,
+    wait_until,
 )
 from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, SnapshotConflict
 from worker.payload import parse_turn
@@ -49,14 +49,6 @@ def make_services(stub_server: StubServer, tmp_path: Path) -> Iterator[ServicesF
 
 def attempt(services: TurnServices, turn: dict[str, Any]) -> Any:
     return run_turn(parse_turn(turn, services.settings), task_id="task-1", services=services)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def test_a_successful_attempt_returns_a_summary_without_the_answer_text(
