@@ -33,7 +33,7 @@ from tests.conftest import (
     stop_worker,
 )
 from tests.test_supervisor import SLOW, _wait_for_status, wait_for_chunks
-from worker.client import submit_turn
+from worker.client import stop_turn, submit_turn
 
 # One worker is enough to watch: the SQLite one of the session.
 on_sqlite_worker = pytest.mark.parametrize("celery_worker", ["sqlite"], indirect=True)
@@ -270,3 +270,27 @@ def test_a_turn_that_waited_for_its_conversation_still_shows_only_ids(
     assert info["retries"] >= 1, "the turn should have waited (been retried) at least once"
     assert info["args"] == "()"
     assert secret_tail not in info["kwargs"] and secret_tail not in flower.get("/api/tasks").text
+
+
+def test_flower_shows_a_running_turn_as_streaming_with_its_progress(
+    flower: RunningFlower, celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], **SLOW)
+    listener = listen(turn["message_id"])
+    sent = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(listener, 1)
+
+    info = flower.task_when(sent.task_id, lambda info: info["state"] == "STREAMING")
+    assert info["started"] is not None or info["received"] is not None
+
+    # Flower's views keep only Celery's own task fields; the progress itself is the state's
+    # metadata in the result backend (tests/test_progress.py reads it through AsyncResult).
+    result = flower.get(f"/api/task/result/{sent.task_id}").json()
+    assert result["state"] == "STREAMING"
+    stop_turn(message_id=turn["message_id"], celery_app=producer_app,
+              settings=celery_worker.settings)
+    assert_single_end(listener.wait_for_end(timeout=5), "message_end")
+    done = flower.task_when(sent.task_id, lambda info: info["state"] in READY_STATES)
+    assert done["state"] == "SUCCESS", "the streaming state gives way to the final one"

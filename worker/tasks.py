@@ -136,16 +136,13 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
 
 
 def _streaming_state(task: Task) -> ProgressReport:
-    """Report a running turn to Celery as a ``STREAMING`` state with its progress, in the result
-    backend: ``AsyncResult.state``/``.info`` and Flower's ``/api/task/result/<id>`` show it.
-
-    Not also as a custom task event: events sent from the pool's threads through the producer
-    pool were seen to race the worker's own task events, and Flower then lost a turn's
-    ``task-succeeded`` (its view stuck at the custom state).
-    """
+    """Report a running turn to Celery: a ``STREAMING`` state with its progress in the result
+    backend (``AsyncResult.state``/``.info``) and a ``task-streaming`` event, which Flower's task
+    view shows live (it turns a custom event type into the task's state)."""
 
     def report(progress: dict[str, Any]) -> None:
         task.update_state(state=STREAMING, meta=progress)
+        task.send_event("task-streaming", **progress)
 
     return report
 
