@@ -52,6 +52,9 @@ redis.call('PUBLISH', ARGV[1], message)
 return seq
 """
 
+# Pauses between attempts to publish while Redis refuses connections: ~3 s in all.
+CONNECT_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0)
+
 # The events after which nothing more belongs to a turn (docs/contract.md).
 TERMINAL_EVENTS = frozenset({"message_end", "error"})
 
@@ -347,14 +350,24 @@ class EventBus:
         log_ttl = policy.ttl_after_end_seconds if event in TERMINAL_EVENTS else policy.ttl_seconds
         # The counter must outlive the log: entry ids are seqs and must keep growing.
         log_ttl = min(log_ttl, self._state_ttl)
-        try:
-            return int(self._commit.call(
-                [seq_key(ids.message_id), replay_log_key(ids.message_id)],
-                [self._channel_for(ids.message_id), body[:-1], self._state_ttl, log_ttl,
-                 policy.max_events]))
-        except redis.RedisError as exc:
-            raise EventBusUnavailable(f"publishing {event} failed: {exc}",
-                                      message_id=ids.message_id) from exc
+        keys = [seq_key(ids.message_id), replay_log_key(ids.message_id)]
+        args = [self._channel_for(ids.message_id), body[:-1], self._state_ttl, log_ttl,
+                policy.max_events]
+        # A refused connection is retried here (redis-py retries failures after connecting,
+        # not a refused connect): a Redis restart or failover of a few seconds costs the turn
+        # latency, not an attempt. Each step is safe to repeat: nothing reached Redis.
+        for pause in (*CONNECT_RETRY_PAUSES, None):
+            try:
+                return int(self._commit.call(keys, args))
+            except redis.ConnectionError as exc:
+                if pause is None or "connecting to" not in str(exc):
+                    raise EventBusUnavailable(f"publishing {event} failed: {exc}",
+                                              message_id=ids.message_id) from exc
+                time.sleep(pause)
+            except redis.RedisError as exc:
+                raise EventBusUnavailable(f"publishing {event} failed: {exc}",
+                                          message_id=ids.message_id) from exc
+        raise AssertionError("unreachable")
 
 
 class TurnPublisher:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import task_revoked, worker_init
 
 from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
@@ -76,7 +77,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         log.error("turn task %s cannot reach its services: %s", task_id, exc)
         if exc.retryable and self.request.retries < settings.max_retries:
             delay = retry_delay(self.request.retries, settings)
-            raise self.retry(exc=exc, countdown=delay, **_shown(turn)) from exc
+            raise _retry(self, exc=exc, countdown=delay, **_shown(turn)) from exc
         raise
     try:
         if args or unexpected:
@@ -109,8 +110,8 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         if _waited_too_long(busy, settings):
             failure: AgentBackendError = busy
         else:
-            raise self.retry(exc=busy, countdown=settings.conversation_wait_retry_seconds,
-                             max_retries=None, **_shown(turn)) from None
+            raise _retry(self, exc=busy, countdown=settings.conversation_wait_retry_seconds,
+                         max_retries=None, **_shown(turn)) from None
     except AgentBackendError as exc:
         failure = exc.with_ids(message_id=payload.message_id)
     except Exception as exc:
@@ -126,7 +127,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
                     attempts_done, delay, failure)
         progress.failed(failure.code, retrying=True, delay=delay)
         _record_failure(services, payload, failure, final=False)
-        raise self.retry(exc=failure, countdown=delay, **_shown(turn))
+        raise _retry(self, exc=failure, countdown=delay, **_shown(turn))
     log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
               attempts_done, failure)
     progress.failed(failure.code, retrying=False)
@@ -145,6 +146,23 @@ def _streaming_state(task: Task) -> ProgressReport:
         task.send_event("task-streaming", **progress)
 
     return report
+
+
+def _retry(task: Task, **options: Any) -> BaseException:
+    """``Task.retry``, except that a retry the broker cannot take hands the turn back.
+
+    Celery turns a failure to publish the retry into ``Reject(requeue=False)``, which drops the
+    message: a turn whose Redis blinked would be lost without an end. Requeueing instead leaves
+    it with the broker (at worst unacknowledged until the visibility timeout restores it).
+    """
+    try:
+        return task.retry(**options)
+    except Reject as rejected:
+        if rejected.requeue:
+            raise
+        log.warning("retry of task %s could not be enqueued (%s); handing the turn back to "
+                    "the broker", task.request.id, rejected.reason)
+        raise Reject(rejected.reason, requeue=True) from None
 
 
 def _shown(turn: Any) -> dict[str, str]:
