@@ -42,7 +42,7 @@ from worker.errors import (
 from worker.locks import ConversationLocks
 from worker.payload import TurnPayload
 from worker.progress import TurnProgress
-from worker.publisher import EventBus, TurnIds, TurnPublisher
+from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, TurnPublisher
 from worker.store import (
     FINISHED_STATUSES,
     MessageState,
@@ -92,6 +92,7 @@ class TurnServices:
             state_ttl_seconds=settings.turn_state_ttl_seconds,
             coalesce_window_ms=settings.coalesce_window_ms,
             coalesce_max_chars=settings.coalesce_max_chars,
+            replay_log=ReplayLogPolicy.from_settings(settings),
         )
         backend = AgentBackendClient(
             settings.backend_url,
