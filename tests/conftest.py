@@ -557,7 +557,13 @@ class TcpProxy:
         self._guard = threading.Lock()
         self._cut_until = 0.0
         self._closed = False
+        self._lose_reply = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def lose_next_reply(self) -> None:
+        """The service's next reply is dropped and its connection closed: the request ran, but
+        the client cannot know, as when a server restarts between executing and answering."""
+        self._lose_reply.set()
 
     def cut(self, seconds: float) -> None:
         with self._guard:
@@ -587,12 +593,17 @@ class TcpProxy:
                 continue
             with self._guard:
                 self._open.update((client, upstream))
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+            for source, target, replies in ((client, upstream, False),
+                                            (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, target, replies),
+                                 daemon=True).start()
 
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+    def _pump(self, source: socket.socket, target: socket.socket, replies: bool) -> None:
         try:
             while chunk := source.recv(65536):
+                if replies and self._lose_reply.is_set():
+                    self._lose_reply.clear()
+                    break
                 target.sendall(chunk)
         except OSError:
             pass

@@ -19,8 +19,11 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from config.settings import Settings
+from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy
 from worker.errors import EventBusUnavailable
 from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, replay_log_key, seq_key
 
@@ -531,6 +534,49 @@ def test_a_flush_that_failed_in_the_background_is_raised_on_the_next_call(
         assert publisher.chunks_published == 2
     finally:
         client.close()
+
+
+def test_a_publish_whose_reply_was_lost_is_not_published_twice(
+    redis_client: redis.Redis, settings: Settings, subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    proxy = TcpProxy(REDIS_PORT)
+    # As the worker builds its bus: commands that meet a broken connection are sent again.
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=PUBSUB_DB, socket_timeout=5,
+                         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=3),
+                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    bus = EventBus(client, channel_for=settings.channel_for, coalesce_window_ms=0)
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = bus.turn(ids)
+    try:
+        publisher.delta("You ")
+        proxy.lose_next_reply()
+        publisher.delta("said: ")  # runs in Redis; the reply never arrives; the client resends
+        publisher.delta("hi.")
+        published = channel.take(3)
+    finally:
+        client.close()
+        proxy.close()
+
+    assert [(event["answer"], event["seq"]) for event in published] == [
+        ("You ", 1), ("said: ", 2), ("hi.", 3)]
+    assert [event["answer"] for _, event in replay_log(redis_client, ids)] == [
+        "You ", "said: ", "hi."]
+    assert channel.quiet_for(0.2) == []
+
+
+def test_the_same_text_published_twice_on_purpose_goes_out_twice(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=0).turn(ids)
+
+    publisher.delta("ha")
+    publisher.delta("ha")
+
+    assert [(event["answer"], event["seq"]) for event in channel.take(2)] == [
+        ("ha", 1), ("ha", 2)]
 
 
 # The replay log -----------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class ConversationLocks:
         lease = Lease(self.key_for(conversation_id), f"{holder}:{uuid.uuid4().hex}")
         try:
             taken = self._redis.set(lease.key, lease.token, nx=True, px=self._ttl_ms)
+            if not taken:
+                # The client resends a command whose reply was lost; if the first SET took
+                # the lease, the resent one finds it held, by this very token.
+                taken = self._redis.get(lease.key) == lease.token.encode()
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"taking the conversation lock failed: {exc}") from exc
         return lease if taken else None

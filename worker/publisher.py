@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,15 +40,29 @@ from worker.errors import EventBusUnavailable
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log. ARGV: channel, message JSON
-# without its closing brace, counter TTL, log TTL (both in seconds), log length bound. Returns the
-# seq the message went out with. The log entry and the pub/sub message are the same bytes.
+# KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log, KEYS[3]: the id and seq of its
+# last publish. ARGV: channel, message JSON without its closing brace, counter TTL, log TTL (both
+# in seconds), log length bound, publish id. Returns the seq the message went out with. The log
+# entry and the pub/sub message are the same bytes.
+#
+# A publish whose reply was lost (Redis restarted or the connection broke after it ran) is sent
+# again by the client's retry with the same publish id; it must not go out a second time under a
+# new seq, or the client would show that text twice. A turn has one publish in flight at a time
+# (``TurnPublisher`` holds its lock across it), so remembering the last one is enough.
 _PUBLISH_SCRIPT = """
+local last = redis.call('GET', KEYS[3])
+if last then
+  local sep = string.find(last, ' ', 1, true)
+  if string.sub(last, 1, sep - 1) == ARGV[6] then
+    return tonumber(string.sub(last, sep + 1))
+  end
+end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 local message = ARGV[2] .. ',"seq":' .. seq .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'data', message)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('SET', KEYS[3], ARGV[6] .. ' ' .. seq, 'EX', tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[1], message)
 return seq
 """
@@ -66,6 +81,11 @@ REDELIVERY_ALLOWANCE = 100
 def seq_key(message_id: str) -> str:
     """The turn's seq counter."""
     return f"agent-turn:seq:{message_id}"
+
+
+def last_publish_key(message_id: str) -> str:
+    """The id and seq of the turn's last publish, so that a resent publish is not repeated."""
+    return f"agent-turn:published:{message_id}"
 
 
 def replay_log_key(message_id: str) -> str:
@@ -296,6 +316,8 @@ class EventBus:
         self._max_chars = coalesce_max_chars
         self._script = redis_client.register_script(_PUBLISH_SCRIPT)
         self._commit = GroupCommit(redis_client, self._script)
+        self._publisher_id = uuid.uuid4().hex
+        self._publish_numbers = itertools.count(1)
         self.scheduler = FlushScheduler()
 
     def turn(self, ids: TurnIds) -> TurnPublisher:
@@ -350,12 +372,14 @@ class EventBus:
         log_ttl = policy.ttl_after_end_seconds if event in TERMINAL_EVENTS else policy.ttl_seconds
         # The counter must outlive the log: entry ids are seqs and must keep growing.
         log_ttl = min(log_ttl, self._state_ttl)
-        keys = [seq_key(ids.message_id), replay_log_key(ids.message_id)]
+        keys = [seq_key(ids.message_id), replay_log_key(ids.message_id),
+                last_publish_key(ids.message_id)]
         args = [self._channel_for(ids.message_id), body[:-1], self._state_ttl, log_ttl,
-                policy.max_events]
+                policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}"]
         # A refused connection is retried here (redis-py retries failures after connecting,
         # not a refused connect): a Redis restart or failover of a few seconds costs the turn
-        # latency, not an attempt. Each step is safe to repeat: nothing reached Redis.
+        # latency, not an attempt. Every retry, here or in redis-py, resends the same publish
+        # id, so one whose reply was lost is not published twice.
         for pause in (*CONNECT_RETRY_PAUSES, None):
             try:
                 return int(self._commit.call(keys, args))

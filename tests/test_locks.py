@@ -1,0 +1,91 @@
+"""The conversation lease on real Redis: one holder, owner-only renew and release, expiry."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, wait_until
+from worker.locks import ConversationLocks
+
+
+@pytest.fixture
+def locks(redis_client: redis.Redis) -> ConversationLocks:
+    return ConversationLocks(redis_client, ttl_seconds=30)
+
+
+def new_conversation() -> str:
+    return f"conv-{uuid.uuid4().hex[:12]}"
+
+
+def test_a_second_turn_of_the_conversation_does_not_get_the_lease(
+    locks: ConversationLocks,
+) -> None:
+    conversation = new_conversation()
+
+    first = locks.acquire(conversation, "msg-1")
+    second = locks.acquire(conversation, "msg-2")
+
+    assert first is not None and second is None
+    assert locks.acquire(new_conversation(), "msg-3") is not None, "other conversations run"
+
+
+def test_only_the_holder_releases_the_lease(locks: ConversationLocks,
+                                            redis_client: redis.Redis) -> None:
+    conversation = new_conversation()
+    held = locks.acquire(conversation, "msg-1")
+    assert held is not None
+    impostor = type(held)(held.key, "msg-2:not-the-token")
+
+    locks.release(impostor)
+    assert locks.acquire(conversation, "msg-2") is None
+    locks.release(held)
+
+    assert redis_client.exists(held.key) == 0
+    assert locks.acquire(conversation, "msg-2") is not None
+
+
+def test_renew_reports_the_leases_that_were_lost(locks: ConversationLocks,
+                                                 redis_client: redis.Redis) -> None:
+    kept = locks.acquire(new_conversation(), "msg-1")
+    lost = locks.acquire(new_conversation(), "msg-2")
+    assert kept is not None and lost is not None
+    redis_client.delete(lost.key)  # expired while its holder was paused
+
+    assert locks.renew([kept, lost]) == [lost]
+    assert redis_client.pttl(kept.key) > 25_000
+
+
+def test_a_lease_whose_holder_died_expires(redis_client: redis.Redis) -> None:
+    locks = ConversationLocks(redis_client, ttl_seconds=0.2)
+    conversation = new_conversation()
+    assert locks.acquire(conversation, "msg-1") is not None  # never released
+
+    wait_until(lambda: locks.acquire(conversation, "msg-2") is not None, timeout=5)
+
+
+def test_an_acquire_whose_reply_was_lost_still_holds_the_lease(
+    redis_client: redis.Redis,
+) -> None:
+    proxy = TcpProxy(REDIS_PORT)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=PUBSUB_DB, socket_timeout=5,
+                         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=3),
+                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    locks = ConversationLocks(client, ttl_seconds=30)
+    conversation = new_conversation()
+    try:
+        client.ping()
+        proxy.lose_next_reply()
+        lease = locks.acquire(conversation, "msg-1")  # SET ran; its reply was lost; resent
+    finally:
+        client.close()
+        proxy.close()
+
+    assert lease is not None, "the turn that took the lease must not wait for itself"
+    assert redis_client.get(lease.key) == lease.token.encode()
+    assert ConversationLocks(redis_client, ttl_seconds=30).acquire(conversation, "msg-2") is None
+
