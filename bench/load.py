@@ -4,7 +4,7 @@ a direct read of the backend (the floor), with one results table at the end.
 ``scripts/bench`` (or ``.venv/bin/python -m bench.load``) runs, per scenario:
 
 1. **floor** — the driver creates the runs on the stub and reads their SSE streams itself;
-2. **one worker per pool in --pools** (threads, the default, and gevent) — the worker as the
+2. **one worker per pool in --pools** (gevent, the Procfile's, and threads) — the worker as the
    Procfile starts it, fed N turns at once through the producer helper, its channels read by
    a pattern subscriber;
 3. **prefork** (the throughput scenario) — the same worker with ``--pool prefork
@@ -489,7 +489,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--answer-tokens", type=int, help="override: tokens per answer")
     parser.add_argument("--token-delay", type=float, help="override: seconds between tokens")
     parser.add_argument("--window-ms", type=float, help="override: coalescing window")
-    parser.add_argument("--pools", default="threads,gevent",
+    parser.add_argument("--pools", default="gevent,threads",
                         help="comma-separated I/O pools for the worker (gevent,threads)")
     parser.add_argument("--concurrency", type=int, default=1000,
                         help="the I/O-pool worker's concurrency (default 1000)")

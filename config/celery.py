@@ -78,9 +78,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Turns are long and I/O bound: a worker takes one message per free slot, so a busy
         # worker never sits on turns another could start.
         "worker_prefetch_multiplier": 1,
-        # An I/O pool: a turn waits on the model nearly all its life. gevent is faster (see
-        # docs/performance.md) but must be named on the command line (--pool gevent), the only
-        # way Celery monkey-patches early enough, and is not yet the default: see that page.
+        # An I/O pool: a turn waits on the model nearly all its life. The Procfile runs gevent
+        # (faster, docs/performance.md), which must be named on the command line (--pool
+        # gevent): that is the only way Celery monkey-patches early enough. A worker started
+        # without --pool gets threads, the other I/O pool the worker supports.
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
         "result_expires": 24 * 3600,

@@ -40,6 +40,9 @@ TEST_QUEUE = f"agent_turns_test_{uuid.uuid4().hex[:8]}"
 BROKER_DB = int(os.environ.get("AGENT_TURN_TEST_REDIS_DB", "10"))
 RESULT_DB, PUBSUB_DB = BROKER_DB + 1, BROKER_DB + 2
 WAIT_SECONDS = 20.0
+# The pool the tests' workers run: the Procfile's by default; AGENT_TURN_TEST_POOL=threads runs
+# the suite on the other I/O pool the worker supports.
+WORKER_POOL = os.environ.get("AGENT_TURN_TEST_POOL", "gevent")
 
 
 def _port_open(port: int) -> bool:
@@ -358,7 +361,7 @@ class RunningWorker:
 def start_worker(settings: Settings, log_path: Path, hostname: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-               "--pool", "threads", "--concurrency", str(settings.worker_concurrency),
+               "--pool", WORKER_POOL, "--concurrency", str(settings.worker_concurrency),
                "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
                "--without-mingle", "--without-gossip"]
     with log_path.open("wb") as log_file:

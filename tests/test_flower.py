@@ -198,9 +198,11 @@ def test_revoking_a_running_turn_from_flower_stops_it(
     """Flower's revoke is Celery's ``control.revoke``: the worker adds the task to its revoked
     set and the supervisor stops the turn, as ``stop_turn`` does.
 
-    With ``terminate`` the threads pool cannot kill a thread: the worker's control handler
-    raises NotImplementedError (logged), after the revoked set was updated, so the turn stops
-    the same way and the task still ends in SUCCESS with a stopped summary.
+    With ``terminate`` the gevent pool kills the turn's greenlet, and the turn catches the kill
+    and ends as stopped; the threads pool (AGENT_TURN_TEST_POOL=threads) cannot kill a thread:
+    the worker's control handler raises NotImplementedError (logged) after the revoked set was
+    updated, so the turn stops the same way. Either way the task ends in SUCCESS with a stopped
+    summary.
     """
     turn = make_turn()
     stub.plan(turn["message_id"], **SLOW)

@@ -107,8 +107,8 @@ def main() -> None:
                  "--answer-tokens", str(args.answer_tokens), "--token-delay", "0.03"],
                 logs / "demo-stub.log", "listening on", env))
         stack.enter_context(_child(
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel", "INFO",
-             "--concurrency", "8", "--hostname", f"demo-{os.getpid()}@%h"],
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "gevent",
+             "--loglevel", "INFO", "--concurrency", "8", "--hostname", f"demo-{os.getpid()}@%h"],
             logs / "demo-worker.log", "ready.", env))
         print(f"stub backend {settings.backend_url}, worker on queue {settings.queue!r}, "
               f"store {settings.database_url}")

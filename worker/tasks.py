@@ -183,11 +183,14 @@ def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:
 
 
 @task_revoked.connect
-def _end_revoked_turn(sender: Any = None, request: Any = None, **_: Any) -> None:
+def _end_revoked_turn(sender: Any = None, request: Any = None, terminated: bool = False,
+                      **_: Any) -> None:
     """A turn revoked before it ran (stop_turn, Flower) still ends, as stopped.
 
     Celery drops a revoked task without running it; without this its client would wait forever.
-    A turn revoked while running is stopped by the supervisor instead.
+    A turn revoked while running is stopped by the supervisor instead, and one terminated while
+    running in this process (a gevent pool kills its greenlet) ends itself with its partial
+    answer (``worker/turn.py``).
     """
     if request is None or getattr(sender, "name", None) != TURN_TASK_NAME:
         return
@@ -197,6 +200,8 @@ def _end_revoked_turn(sender: Any = None, request: Any = None, **_: Any) -> None
     except InvalidTurnPayload:
         return
     services = get_services(get_settings())
+    if terminated and services.supervisor.is_running(payload.message_id):
+        return
     try:
         end_stopped_before_running(payload, task_id=request.id, services=services)
     except AgentBackendError as exc:

@@ -53,6 +53,12 @@ from worker.store import (
 )
 from worker.supervisor import DEADLINE, STOPPED, TurnControl, TurnSupervisor
 
+try:
+    from greenlet import GreenletExit as Terminated
+except ImportError:  # greenlet comes with gevent; without it nothing can kill a turn this way
+    class Terminated(BaseException):  # type: ignore[no-redef]
+        """Never raised: stands in for greenlet's GreenletExit."""
+
 log = logging.getLogger(__name__)
 
 # Run states from which the run's stream can still deliver an answer worth re-attaching to.
@@ -228,6 +234,14 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             raise ProtocolViolation(
                 f"the answer exceeds {services.settings.max_answer_chars} characters",
                 run_id=run_id, message_id=turn.message_id)
+    except Terminated:
+        # Revoke with terminate (Flower's "terminate") kills a gevent pool's greenlet: the kill
+        # arrives here as GreenletExit, wherever the turn was waiting. End the turn as a stop
+        # does; Celery has already acknowledged it and marked it revoked.
+        log.info("turn %s was terminated; ending it as stopped", turn.message_id)
+        services.supervisor.interrupt(control, STOPPED)
+        return _end_stopped(new, publisher, services, progress,
+                            partial_answer=streamed.text(), run_id=control.run_id)
     except AgentBackendError as exc:
         exc.attempts = state.attempts
         if control.stop_reason == STOPPED:
