@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # window has passed or the buffer holds this many characters.
     coalesce_window_ms: float = Field(40.0, ge=0)
     coalesce_max_chars: int = Field(512, gt=0)
+    # Publish round trips a worker process keeps in flight at once (worker/publisher.py,
+    # GroupCommit): more lets an event go out without waiting for another turn's round trip;
+    # events that arrive while all are busy share the next one.
+    publish_round_trips: int = Field(4, gt=0, le=64)
     turn_state_ttl_seconds: int = Field(24 * 3600, gt=0)
     # The replay log of a turn (worker/publisher.py): kept this long after each write while the
     # turn runs, and this long after its message_end or error, for clients that reconnect late.

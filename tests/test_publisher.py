@@ -11,6 +11,7 @@ import shutil
 import socket
 import string
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,9 +24,16 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from config.settings import Settings
-from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy
+from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, wait_until
 from worker.errors import EventBusUnavailable
-from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, replay_log_key, seq_key
+from worker.publisher import (
+    EventBus,
+    GroupCommit,
+    ReplayLogPolicy,
+    TurnIds,
+    replay_log_key,
+    seq_key,
+)
 
 READ_TIMEOUT = 5.0
 LONG_WINDOW_MS = 60_000.0  # longer than any test: nothing is flushed by the window
@@ -577,6 +585,111 @@ def test_the_same_text_published_twice_on_purpose_goes_out_twice(
 
     assert [(event["answer"], event["seq"]) for event in channel.take(2)] == [
         ("ha", 1), ("ha", 2)]
+
+
+# Group commit: many turns publishing at once ------------------------------------------------
+
+
+class CountingRedis(redis.Redis):
+    """A real Redis client that counts the pipelines it sends (round trips of GroupCommit)."""
+
+    pipelines = 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).pipelines += 1
+        return super().pipeline(*args, **kwargs)
+
+
+# Returns its argument after keeping Redis busy for ARGV[2] ms: a round trip that takes a while.
+_SLOW_ECHO = """
+local busy = tonumber(ARGV[2])
+local started = redis.call('TIME')
+local start_ms = started[1] * 1000 + started[2] / 1000
+while true do
+  local now = redis.call('TIME')
+  if now[1] * 1000 + now[2] / 1000 - start_ms >= busy then break end
+end
+return ARGV[1]
+"""
+
+
+def test_many_turns_publishing_at_once_keep_each_turns_order_and_seq(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    bus = make_bus(window_ms=0)
+    turns = [new_ids() for _ in range(40)]
+    failures: list[BaseException] = []
+
+    def publish_turn(ids: TurnIds) -> None:
+        try:
+            publisher = bus.turn(ids)
+            for n in range(25):
+                publisher.delta(f"{n},")
+        except BaseException as exc:  # reported below: a thread's failure must fail the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=publish_turn, args=(ids,)) for ids in turns]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    for ids in turns:
+        logged = replay_log(redis_client, ids)
+        assert [event["seq"] for _, event in logged] == list(range(1, 26))
+        assert "".join(event["answer"] for _, event in logged) == "".join(
+            f"{n}," for n in range(25))
+
+
+def test_calls_that_arrive_during_a_round_trip_share_the_next_one(
+    redis_client: redis.Redis,
+) -> None:
+    CountingRedis.pipelines = 0
+    client = CountingRedis(host="127.0.0.1", port=REDIS_PORT, db=PUBSUB_DB, socket_timeout=5)
+    commit = GroupCommit(client, client.register_script(_SLOW_ECHO), max_in_flight=1)
+    client.script_load(_SLOW_ECHO)  # else the first round trip is two: NOSCRIPT, then a retry
+    results: dict[int, Any] = {}
+
+    def call(n: int, busy_ms: int) -> None:
+        results[n] = commit.call([], [n, busy_ms])
+
+    slow = threading.Thread(target=call, args=(0, 300))
+    slow.start()
+    wait_until(lambda: CountingRedis.pipelines == 1, timeout=5)
+    queued = [threading.Thread(target=call, args=(n, 0)) for n in range(1, 11)]
+    for thread in queued:
+        thread.start()
+    for thread in (slow, *queued):
+        thread.join(timeout=10)
+    client.close()
+
+    assert results == {n: str(n).encode() for n in range(11)}
+    assert CountingRedis.pipelines == 2, "the ten calls queued behind the slow one go together"
+
+
+def test_a_failed_round_trip_fails_its_calls_and_the_next_ones_go_through(
+    redis_client: redis.Redis, settings: Settings,
+) -> None:
+    proxy = TcpProxy(REDIS_PORT)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=PUBSUB_DB, socket_timeout=5)
+    commit = GroupCommit(client, client.register_script(_SLOW_ECHO), max_in_flight=2)
+    try:
+        assert commit.call([], ["before", 0]) == b"before"
+        proxy.cut(0.3)
+        with pytest.raises(redis.ConnectionError):
+            commit.call([], ["during", 0])
+        wait_until(lambda: _answers(commit), timeout=5)
+    finally:
+        client.close()
+        proxy.close()
+
+
+def _answers(commit: GroupCommit) -> bool:
+    try:
+        return bool(commit.call([], ["after", 0]) == b"after")
+    except redis.ConnectionError:
+        return False
 
 
 # The replay log -----------------------------------------------------------------------------

@@ -190,12 +190,13 @@ def _run_logged(callback: Callable[[], None]) -> None:
 class _PendingCall:
     """One caller's publish, waiting in a ``GroupCommit`` queue."""
 
-    __slots__ = ("args", "designated", "done", "keys", "ready", "result", "waiting")
+    __slots__ = ("args", "batch", "done", "keys", "ready", "result")
 
     def __init__(self, keys: list[str], args: list[Any]) -> None:
         self.keys, self.args = keys, args
-        self.ready = threading.Event()  # set when done, or when this caller is to lead
-        self.done = self.waiting = self.designated = False
+        self.ready = threading.Event()  # set when done, or when handed a batch to send
+        self.done = False
+        self.batch: list[_PendingCall] | None = None  # the calls this caller is to send
         self.result: Any = None
 
     def finish(self, result: Any) -> None:
@@ -204,39 +205,40 @@ class _PendingCall:
 
 
 class GroupCommit:
-    """Runs a Lua script for all callers that arrive together in one pipelined round trip.
+    """Runs a Lua script for all callers that arrive together in pipelined round trips.
 
-    The first caller leads: it sends every call queued so far as one pipeline, then hands the
-    lead to the oldest caller that queued meanwhile. A call alone costs the one round trip it
-    always did; when a thousand turns publish at once, one round trip carries many calls (one
-    send, one receive), which is most of the worker's cost of an event. Calls run in the order
-    they were queued, so a turn's events keep their order.
+    Up to ``max_in_flight`` round trips run at once, each on its own pooled connection. A caller
+    that finds one free sends at once, with whatever had queued; otherwise it queues, and the
+    next round trip to finish hands the whole queue to its oldest caller to send as one
+    pipeline. A call alone costs the one round trip it always did, and does not wait for
+    another turn's; when a thousand turns publish at once, one round trip carries many calls
+    (one send, one receive), which is most of the worker's cost of an event. A turn has one
+    publish in flight at a time (``TurnPublisher``), so its events keep their order.
     """
 
-    def __init__(self, client: redis.Redis, script: Any) -> None:
+    def __init__(self, client: redis.Redis, script: Any, *, max_in_flight: int = 4) -> None:
         self._client = client
         self._script = script
+        self._max_in_flight = max_in_flight
         self._lock = threading.Lock()
         self._queue: list[_PendingCall] = []
-        self._leading = False
+        self._in_flight = 0
 
     def call(self, keys: list[str], args: list[Any]) -> Any:
         pending = _PendingCall(keys, args)
         with self._lock:
-            self._queue.append(pending)
-            lead = not self._leading
-            self._leading = True
-            pending.waiting = not lead
-        try:
-            while not lead:
-                pending.ready.wait()
-                with self._lock:
-                    if pending.done:
-                        break
-                    pending.ready.clear()
-                    lead, pending.designated, pending.waiting = pending.designated, False, False
+            if self._in_flight < self._max_in_flight:
+                self._in_flight += 1
+                pending.batch, self._queue = [*self._queue, pending], []
             else:
-                self._lead()
+                self._queue.append(pending)
+        try:
+            if pending.batch is None:
+                pending.ready.wait()
+            with self._lock:
+                batch, pending.batch = pending.batch, None
+            if batch is not None:
+                self._lead(batch)
         except BaseException:
             self._give_up(pending)
             raise
@@ -244,9 +246,7 @@ class GroupCommit:
             raise pending.result
         return pending.result
 
-    def _lead(self) -> None:
-        with self._lock:
-            batch, self._queue = self._queue, []
+    def _lead(self, batch: list[_PendingCall]) -> None:
         results: list[Any] = []
         try:
             results = self._run(batch)
@@ -258,23 +258,26 @@ class GroupCommit:
             for pending, result in zip(batch, results, strict=True):
                 pending.finish(result)
             with self._lock:
-                self._hand_on_locked()
+                queued, self._queue = self._queue, []
+                self._hand_on_locked(queued)
 
-    def _hand_on_locked(self) -> None:
-        successor = next((p for p in self._queue if p.waiting), None)
-        if successor is None:
-            self._leading = False
+    def _hand_on_locked(self, batch: list[_PendingCall]) -> None:
+        """Give the next round trip to the oldest caller of ``batch``, or free the slot."""
+        if batch:
+            batch[0].batch = batch
+            batch[0].ready.set()
         else:
-            successor.designated = True
-            successor.ready.set()
+            self._in_flight -= 1
 
     def _give_up(self, pending: _PendingCall) -> None:
-        """A caller interrupted while waiting must not keep the lead it was handed."""
+        """A caller interrupted while waiting must not take a round trip with it."""
         with self._lock:
-            pending.waiting = False
-            if pending.designated:
-                pending.designated = False
-                self._hand_on_locked()
+            if pending in self._queue:
+                self._queue.remove(pending)
+                return
+            batch, pending.batch = pending.batch, None
+            if batch is not None:  # handed a batch it will never send: hand it on
+                self._hand_on_locked([p for p in batch if p is not pending])
 
     def _run(self, batch: list[_PendingCall]) -> list[Any]:
         pipeline = self._client.pipeline(transaction=False)
@@ -305,6 +308,7 @@ class EventBus:
         coalesce_window_ms: float = 40.0,
         coalesce_max_chars: int = 512,
         replay_log: ReplayLogPolicy | None = None,
+        round_trips: int = 4,
     ) -> None:
         self.redis = redis_client
         self._channel_for = channel_for
@@ -315,7 +319,7 @@ class EventBus:
         self._window = coalesce_window_ms / 1000.0
         self._max_chars = coalesce_max_chars
         self._script = redis_client.register_script(_PUBLISH_SCRIPT)
-        self._commit = GroupCommit(redis_client, self._script)
+        self._commit = GroupCommit(redis_client, self._script, max_in_flight=round_trips)
         self._publisher_id = uuid.uuid4().hex
         self._publish_numbers = itertools.count(1)
         self.scheduler = FlushScheduler()

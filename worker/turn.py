@@ -98,6 +98,7 @@ class TurnServices:
             state_ttl_seconds=settings.turn_state_ttl_seconds,
             coalesce_window_ms=settings.coalesce_window_ms,
             coalesce_max_chars=settings.coalesce_max_chars,
+            round_trips=settings.publish_round_trips,
             replay_log=ReplayLogPolicy.from_settings(settings),
         )
         backend = AgentBackendClient(
