@@ -7,14 +7,17 @@ worker's settings (tests/conftest.py) allow 2 retries and 2 stream reconnects, w
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.settings import Settings
+from stub_backend import StubServer
 from tests.conftest import (
     ROOT,
     RunningWorker,
@@ -27,8 +30,11 @@ from tests.conftest import (
     make_turn,
     send_raw_and_wait,
     settings_env,
+    start_worker,
+    stop_worker,
     submit_and_wait,
 )
+from worker.client import submit_turn
 from worker.tasks import retry_delay
 
 EXPECTED_ANSWER = "[turn 1] You said: hi."
@@ -262,6 +268,33 @@ def test_redelivered_succeeded_turn_re_emits_its_end_without_a_new_run(
     assert [event["event"] for event in events] == ["message_end"]
     assert events[0]["answer"] == EXPECTED_ANSWER
     assert len(stub.runs(turn["message_id"])) == 1
+
+
+def test_a_turn_whose_database_stays_down_through_its_retries_ends_in_one_error_event(
+    stub_server: StubServer, stub: StubControl, listen: Any, producer_app: Any, tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: the database is down
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = base_settings(
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{dead_port}/test",
+        backend_url=stub_server.url, queue=f"no-db-{uuid.uuid4().hex[:8]}",
+    )
+    worker = start_worker(settings, tmp_path / "worker.log", f"no-db-{os.getpid()}@%h")
+    try:
+        turn = make_turn()
+        listener = listen(turn["message_id"])
+        submit_turn(turn, celery_app=producer_app, settings=settings)
+
+        error = assert_single_end(listener.wait_for_end(timeout=30), "error")
+    finally:
+        stop_worker(worker)
+
+    assert error["code"] == "store_unavailable" and error["status"] == 503
+    assert error["seq"] == 1 and error["conversation_id"] == turn["conversation_id"]
+    assert stub.runs(turn["message_id"]) == [], "no run without a store to record it in"
+    assert (tmp_path / "worker.log").read_text().count("cannot reach its services") == 3, (
+        "the first try and both retries")
 
 
 def test_retry_delay_grows_exponentially_within_its_cap() -> None:

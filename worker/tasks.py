@@ -13,6 +13,7 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import task_revoked, worker_init, worker_ready
@@ -26,7 +27,7 @@ from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayloa
 from worker.logs import log_stage
 from worker.payload import TurnPayload, parse_turn, valid_message_id
 from worker.progress import ProgressReport, TurnProgress
-from worker.publisher import TurnIds
+from worker.publisher import EventBus, ReplayLogPolicy, TurnIds
 from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         if exc.retryable and self.request.retries < settings.max_retries:
             delay = retry_delay(self.request.retries, settings)
             raise _retry(self, exc=exc, countdown=delay, **_shown(turn)) from exc
+        _publish_error_without_services(settings, task_id, turn, exc)
         raise
     try:
         if args or unexpected:
@@ -238,6 +240,30 @@ def _record_failure(services: TurnServices, payload: TurnPayload, failure: Agent
                                        error=str(failure))
     except AgentBackendError as exc:
         log.error("could not record the failure of turn %s: %s", payload.message_id, exc)
+
+
+def _publish_error_without_services(settings: Settings, task_id: str, turn: Any,
+                                    failure: AgentBackendError) -> None:
+    """End a turn whose services never came up (its database was down through every retry).
+
+    Nothing can be recorded, but its client must not wait forever: the ``error`` event goes out
+    through a bus of its own, on the pub/sub Redis alone.
+    """
+    message_id = valid_message_id(turn)
+    if message_id is None:
+        return
+    conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
+    ids = TurnIds(task_id, message_id, conversation_id if isinstance(conversation_id, str) else "")
+    client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        bus = EventBus(client, channel_for=settings.channel_for,
+                       state_ttl_seconds=settings.turn_state_ttl_seconds,
+                       replay_log=ReplayLogPolicy.from_settings(settings))
+        bus.turn(ids).error(status=failure.status, code=failure.code, message=str(failure))
+    except AgentBackendError as exc:
+        log.error("could not publish the error event of turn %s: %s", message_id, exc)
+    finally:
+        client.close()
 
 
 def _publish_error(services: TurnServices, ids: TurnIds, failure: AgentBackendError) -> None:
