@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from stub_backend import StubServer
 from tests.conftest import (
@@ -22,9 +24,12 @@ from tests.conftest import (
     sqlite_url,
     wait_until,
 )
+from worker.backend import AgentBackendClient
 from worker.client import stop_turn, submit_turn
 from worker.errors import TurnTimedOut
+from worker.locks import ConversationLocks, Lease
 from worker.payload import parse_turn
+from worker.supervisor import TurnControl, TurnSupervisor
 from worker.turn import TurnServices, run_turn
 
 SLOW = {"answer_tokens": 200, "token_delay": 0.03}
@@ -184,3 +189,68 @@ def test_a_turn_past_its_deadline_is_cancelled_and_times_out(
     assert raised.value.run_id == run["run_id"]
     wait_until(lambda: stub.runs(turn["message_id"])[0]["status"] == "cancelled")
     assert short_deadline_services.store.get_snapshot(turn["conversation_id"]) is None
+
+
+# Lease renewal, in-process against real Redis -------------------------------------------------
+
+
+class _EndingDuringRenewal(ConversationLocks):
+    """Ends a turn (releases its lease, unregisters it) while the renewal's round trip is out,
+    as a turn finishing at that moment does."""
+
+    def __init__(self, *args: Any, ending: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._ending = ending
+
+    def renew(self, leases: list[Lease]) -> list[Lease]:
+        self._ending()
+        return super().renew(leases)
+
+
+def _supervisor(redis_client: redis.Redis, locks: ConversationLocks) -> TurnSupervisor:
+    backend = AgentBackendClient("http://127.0.0.1:9")  # never called: no run is cancelled
+    return TurnSupervisor(redis_client, backend, locks, lease_ttl_seconds=30)
+
+
+def test_a_lease_released_by_a_turn_ending_during_renewal_is_not_reported_lost(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor: TurnSupervisor | None = None
+    control: TurnControl | None = None
+
+    def end_the_turn() -> None:
+        assert supervisor is not None and control is not None and control.lease is not None
+        locks.release(control.lease)
+        supervisor.unregister(control)
+
+    locks = _EndingDuringRenewal(redis_client, ttl_seconds=30, ending=end_the_turn)
+    supervisor = _supervisor(redis_client, locks)
+    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control.lease = locks.acquire("conv-1", "msg-1")
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.supervisor"):
+            supervisor._renew_leases()
+    finally:
+        supervisor.close()
+
+    assert "was lost" not in caplog.text
+
+
+def test_a_lease_lost_while_its_turn_runs_is_reported(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    locks = ConversationLocks(redis_client, ttl_seconds=30)
+    supervisor = _supervisor(redis_client, locks)
+    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control.lease = locks.acquire("conv-1", "msg-1")
+    assert control.lease is not None
+    redis_client.delete(control.lease.key)  # expired while the worker was paused
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.supervisor"):
+            supervisor._renew_leases()
+    finally:
+        supervisor.close()
+
+    assert f"{control.lease.key} was lost while its turn ran" in caplog.text

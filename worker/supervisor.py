@@ -115,6 +115,7 @@ class TurnSupervisor:
         self._guard = threading.Lock()
         self._cancels = ThreadPoolExecutor(max_workers=4, thread_name_prefix="run-cancel")
         self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
 
     # Registration, from turn threads --------------------------------------------------------
 
@@ -167,10 +168,16 @@ class TurnSupervisor:
 
     # The supervisor thread ------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop the supervisor thread (a worker process never needs to; tests and tools do)."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self._tick + 5)
+
     def _run(self) -> None:
         pubsub = None
         next_renewal = time.monotonic() + self._renew_every
-        while True:
+        while not self._closed.is_set():
             try:
                 if pubsub is None:
                     pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -191,6 +198,8 @@ class TurnSupervisor:
             except Exception:
                 log.exception("turn supervisor tick failed")
                 time.sleep(self._tick)
+        if pubsub is not None:
+            pubsub.close()
 
     def _on_control(self, raw: bytes | str) -> None:
         try:
@@ -219,8 +228,15 @@ class TurnSupervisor:
     def _renew_leases(self) -> None:
         with self._guard:
             leases = [c.lease for c in self._controls.values() if c.lease is not None]
-        for lost in self._locks.renew(leases):
-            log.warning("conversation lease %s was lost while its turn ran", lost.key)
+        lost = self._locks.renew(leases)
+        if not lost:
+            return
+        # A turn that ended during the round trip released its lease: not a loss.
+        with self._guard:
+            held = {c.lease for c in self._controls.values() if c.lease is not None}
+        for lease in lost:
+            if lease in held:
+                log.warning("conversation lease %s was lost while its turn ran", lease.key)
 
 
 def _celery_revoked() -> Any:
