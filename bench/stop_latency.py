@@ -30,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=50)
     parser.add_argument("--redis-dbs", default="13,14,15")
+    parser.add_argument("--pool", default="gevent", choices=("gevent", "threads"),
+                        help="the worker's pool (default: the Procfile's, gevent)")
     args = parser.parse_args()
     broker, results, bus_db = (int(db) for db in args.redis_dbs.split(","))
     with tempfile.TemporaryDirectory() as scratch:
@@ -45,7 +47,7 @@ def main() -> None:
         env = {f"AGENT_TURN_{key.upper()}": str(getattr(settings, key)) for key in (
             "broker_url", "result_backend", "pubsub_url", "database_url", "backend_url",
             "queue", "metrics_port")}
-        worker = start_worker(folder, name="threads", pool="threads", concurrency=100,
+        worker = start_worker(folder, name=args.pool, pool=args.pool, concurrency=100,
                               queue=settings.queue, env=env)
         try:
             latencies = run(settings, args.turns)
@@ -54,7 +56,8 @@ def main() -> None:
             stub.stop()
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
-    print(f"{len(latencies)} turns stopped mid-stream: stop_turn -> message_end(stopped) "
+    print(f"{len(latencies)} turns stopped mid-stream ({args.pool} worker): "
+          f"stop_turn -> message_end(stopped) "
           f"median {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
           f"max {latencies[-1] * 1000:.1f} ms")
 
