@@ -44,10 +44,17 @@ def settings_from(args: argparse.Namespace) -> StubSettings:
     return dataclasses.replace(StubSettings.from_env(), **overrides)
 
 
+LISTEN_BACKLOG = 2048
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
     sock = bind_socket(args.host, args.port)
+    # Listening before the line below is printed: whoever waits for the line (scripts, the
+    # benchmark) connects at once, and a bound socket that does not listen yet refuses them.
+    # Connections made before uvicorn starts wait in the backlog.
+    sock.listen(LISTEN_BACKLOG)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"stub_backend listening on http://{host}:{port}", flush=True)

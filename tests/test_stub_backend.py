@@ -722,14 +722,6 @@ def test_module_runs_as_its_own_process_configured_from_env() -> None:
         assert url.startswith("http://127.0.0.1:"), line
         body = run_body()
 
-        def reachable() -> bool:
-            try:
-                requests.get(f"{url}/_stub/runs", timeout=(0.5, 1.0))
-            except requests.exceptions.ConnectionError:
-                return False
-            return True
-
-        wait_until(reachable)
         denied = requests.post(f"{url}/runs", json=body, timeout=TIMEOUT)
         allowed = requests.post(
             f"{url}/runs", json=body, headers={"Authorization": "Bearer from-env"}, timeout=TIMEOUT
@@ -739,5 +731,24 @@ def test_module_runs_as_its_own_process_configured_from_env() -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=10) in (0, -signal.SIGTERM)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_the_url_it_announces_accepts_connections_at_once() -> None:
+    """Scripts and the benchmark connect as soon as they read the line: a socket that is bound
+    but not yet listening would refuse them (the benchmark failed that way once)."""
+    process = subprocess.Popen([sys.executable, "-m", "stub_backend", "--port", "0"],
+                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
+
+        answer = requests.get(f"{url}/_stub/runs", timeout=TIMEOUT)
+
+        assert answer.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
