@@ -6,6 +6,7 @@ stub backend on a socket and real Celery worker processes): the table is measure
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def render(junit: Path, exit_code: int) -> str:
         "# Fault results",
         "",
         f"Produced by `scripts/fault-report` on {stamp} (pytest exit code {exit_code}): "
-        f"{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped.",
+        f"{totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped, "
+        f"workers on the {os.environ.get('AGENT_TURN_TEST_POOL', 'gevent')} pool.",
         "Each row ran against real processes; the scenario is the test's name, the parameters "
         "name the database (`sqlite`, `postgresql`) and the case. A pass means the turn ended in "
         "a completed answer or exactly one `error` event, with no half-written row, as the test "
