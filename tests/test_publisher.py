@@ -31,6 +31,7 @@ from worker.publisher import (
     GroupCommit,
     ReplayLogPolicy,
     TurnIds,
+    _PendingCall,
     replay_log_key,
     seq_key,
 )
@@ -683,6 +684,26 @@ def test_a_failed_round_trip_fails_its_calls_and_the_next_ones_go_through(
     finally:
         client.close()
         proxy.close()
+
+
+def test_a_caller_interrupted_while_holding_a_batch_hands_it_on(
+    redis_client: redis.Redis,
+) -> None:
+    """Under gevent a waiting caller can be killed (revoke with terminate) just after it was
+    handed the next round trip: the calls queued with it must still be sent."""
+    commit = GroupCommit(redis_client, redis_client.register_script(_SLOW_ECHO),
+                         max_in_flight=1)
+    killed, other = _PendingCall([], ["killed", 0]), _PendingCall([], ["other", 0])
+    commit._in_flight = 1  # a round trip finished and handed its queue to ``killed``
+    killed.batch = [killed, other]
+
+    commit._give_up(killed)
+
+    assert other.ready.is_set() and other.batch == [other], "the next caller sends the rest"
+    assert commit._in_flight == 1, "the slot passes on with the batch"
+    commit._lead(other.batch)
+    assert other.done and other.result == b"other"
+    assert commit._in_flight == 0 and not killed.done
 
 
 def _answers(commit: GroupCommit) -> bool:
