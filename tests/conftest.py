@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import redis
 import requests
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from sqlalchemy import create_engine, text
 
 from config.settings import Settings
@@ -613,6 +615,14 @@ class TcpProxy:
         finally:
             _close_quietly(source)
             _close_quietly(target)
+
+
+def retrying_redis_through(proxy: TcpProxy) -> redis.Redis:
+    """A client of the tests' pub/sub Redis through ``proxy`` that, as the worker's does, sends
+    a command again when its connection breaks."""
+    return redis.Redis(host=REDIS_HOST, port=proxy.port, db=PUBSUB_DB, socket_timeout=5,
+                       retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=3),
+                       retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 
 def _close_quietly(sock: socket.socket) -> None:

@@ -6,10 +6,8 @@ import uuid
 
 import pytest
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, wait_until
+from tests.conftest import REDIS_PORT, TcpProxy, retrying_redis_through, wait_until
 from worker.locks import ConversationLocks
 
 
@@ -72,9 +70,7 @@ def test_an_acquire_whose_reply_was_lost_still_holds_the_lease(
     redis_client: redis.Redis,
 ) -> None:
     proxy = TcpProxy(REDIS_PORT)
-    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=PUBSUB_DB, socket_timeout=5,
-                         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=3),
-                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    client = retrying_redis_through(proxy)
     locks = ConversationLocks(client, ttl_seconds=30)
     conversation = new_conversation()
     try:

@@ -20,11 +20,9 @@ from typing import Any
 
 import pytest
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from config.settings import Settings
-from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, wait_until
+from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, retrying_redis_through, wait_until
 from worker.errors import EventBusUnavailable
 from worker.publisher import (
     EventBus,
@@ -549,10 +547,7 @@ def test_a_publish_whose_reply_was_lost_is_not_published_twice(
     redis_client: redis.Redis, settings: Settings, subscribe: Callable[[TurnIds], Channel],
 ) -> None:
     proxy = TcpProxy(REDIS_PORT)
-    # As the worker builds its bus: commands that meet a broken connection are sent again.
-    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=PUBSUB_DB, socket_timeout=5,
-                         retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), retries=3),
-                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    client = retrying_redis_through(proxy)
     bus = EventBus(client, channel_for=settings.channel_for, coalesce_window_ms=0)
     ids = new_ids()
     channel = subscribe(ids)

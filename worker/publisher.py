@@ -324,6 +324,19 @@ class EventBus:
         self._publish_numbers = itertools.count(1)
         self.scheduler = FlushScheduler()
 
+    @classmethod
+    def from_settings(cls, redis_client: redis.Redis, settings: Settings) -> EventBus:
+        """The bus as the worker's settings configure it, on the given client."""
+        return cls(
+            redis_client,
+            channel_for=settings.channel_for,
+            state_ttl_seconds=settings.turn_state_ttl_seconds,
+            coalesce_window_ms=settings.coalesce_window_ms,
+            coalesce_max_chars=settings.coalesce_max_chars,
+            round_trips=settings.publish_round_trips,
+            replay_log=ReplayLogPolicy.from_settings(settings),
+        )
+
     def turn(self, ids: TurnIds) -> TurnPublisher:
         return TurnPublisher(self, ids)
 

@@ -27,7 +27,7 @@ from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayloa
 from worker.logs import log_stage
 from worker.payload import TurnPayload, parse_turn, valid_message_id
 from worker.progress import ProgressReport, TurnProgress
-from worker.publisher import EventBus, ReplayLogPolicy, TurnIds
+from worker.publisher import EventBus, TurnIds
 from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ def _check_composition_template(**_: Any) -> None:
         raise SystemExit(f"agent-turn worker not started: {exc}") from None
 
 
+# First-generation threshold once start-up objects are frozen (CPython's default is 700).
+GC_THRESHOLD = 50_000
+
+
 @worker_ready.connect
 def _freeze_start_up_objects(**_: Any) -> None:
     """Keep the garbage collector off the objects start-up made.
@@ -69,9 +73,6 @@ def _freeze_start_up_objects(**_: Any) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
-
-
-GC_THRESHOLD = 50_000
 
 
 def retry_delay(retries_done: int, settings: Settings) -> float:
@@ -114,10 +115,7 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         log_stage("error", level=logging.WARNING, code=exc.code, task_id=task_id,
                   message_id=exc.message_id)
         if exc.message_id:
-            conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
-            ids = TurnIds(task_id, exc.message_id,
-                          conversation_id if isinstance(conversation_id, str) else "")
-            _publish_error(services, ids, exc)
+            _publish_error(services, _raw_ids(task_id, exc.message_id, turn), exc)
         raise
 
     progress = TurnProgress(_ids(payload, task_id), report=_streaming_state(self),
@@ -229,6 +227,12 @@ def _end_revoked_turn(sender: Any = None, request: Any = None, terminated: bool 
         log.error("could not end revoked turn %s: %s", payload.message_id, exc)
 
 
+def _raw_ids(task_id: str, message_id: str, turn: Any) -> TurnIds:
+    """The ids of a turn whose payload was not (or could not be) validated."""
+    conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
+    return TurnIds(task_id, message_id, conversation_id if isinstance(conversation_id, str) else "")
+
+
 def _ids(payload: TurnPayload, task_id: str) -> TurnIds:
     return TurnIds(task_id, payload.message_id, payload.conversation_id)
 
@@ -252,14 +256,11 @@ def _publish_error_without_services(settings: Settings, task_id: str, turn: Any,
     message_id = valid_message_id(turn)
     if message_id is None:
         return
-    conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
-    ids = TurnIds(task_id, message_id, conversation_id if isinstance(conversation_id, str) else "")
+    ids = _raw_ids(task_id, message_id, turn)
     client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        bus = EventBus(client, channel_for=settings.channel_for,
-                       state_ttl_seconds=settings.turn_state_ttl_seconds,
-                       replay_log=ReplayLogPolicy.from_settings(settings))
-        bus.turn(ids).error(status=failure.status, code=failure.code, message=str(failure))
+        EventBus.from_settings(client, settings).turn(ids).error(
+            status=failure.status, code=failure.code, message=str(failure))
     except AgentBackendError as exc:
         log.error("could not publish the error event of turn %s: %s", message_id, exc)
     finally:

@@ -42,7 +42,7 @@ from worker.errors import (
 from worker.locks import ConversationLocks
 from worker.payload import TurnPayload
 from worker.progress import TurnProgress
-from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, TurnPublisher
+from worker.publisher import EventBus, TurnIds, TurnPublisher
 from worker.store import (
     FINISHED_STATUSES,
     MessageState,
@@ -92,15 +92,7 @@ class TurnServices:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         )
-        bus = EventBus(
-            redis.Redis(connection_pool=pool),
-            channel_for=settings.channel_for,
-            state_ttl_seconds=settings.turn_state_ttl_seconds,
-            coalesce_window_ms=settings.coalesce_window_ms,
-            coalesce_max_chars=settings.coalesce_max_chars,
-            round_trips=settings.publish_round_trips,
-            replay_log=ReplayLogPolicy.from_settings(settings),
-        )
+        bus = EventBus.from_settings(redis.Redis(connection_pool=pool), settings)
         backend = AgentBackendClient(
             settings.backend_url,
             token=settings.backend_token.get_secret_value() if settings.backend_token else None,
