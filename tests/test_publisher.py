@@ -586,15 +586,6 @@ def test_the_same_text_published_twice_on_purpose_goes_out_twice(
 # Group commit: many turns publishing at once ------------------------------------------------
 
 
-class CountingRedis(redis.Redis):
-    """A real Redis client that counts the pipelines it sends (round trips of GroupCommit)."""
-
-    pipelines = 0
-
-    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
-        type(self).pipelines += 1
-        return super().pipeline(*args, **kwargs)
-
 
 # Returns its argument after keeping Redis busy for ARGV[2] ms: a round trip that takes a while.
 _SLOW_ECHO = """
@@ -641,8 +632,7 @@ def test_many_turns_publishing_at_once_keep_each_turns_order_and_seq(
 def test_calls_that_arrive_during_a_round_trip_share_the_next_one(
     redis_client: redis.Redis,
 ) -> None:
-    CountingRedis.pipelines = 0
-    client = CountingRedis(host="127.0.0.1", port=REDIS_PORT, db=PUBSUB_DB, socket_timeout=5)
+    client = redis.Redis(host="127.0.0.1", port=REDIS_PORT, db=PUBSUB_DB, socket_timeout=5)
     commit = GroupCommit(client, client.register_script(_SLOW_ECHO), max_in_flight=1)
     client.script_load(_SLOW_ECHO)  # else the first round trip is two: NOSCRIPT, then a retry
     results: dict[int, Any] = {}
@@ -652,7 +642,7 @@ def test_calls_that_arrive_during_a_round_trip_share_the_next_one(
 
     slow = threading.Thread(target=call, args=(0, 300))
     slow.start()
-    wait_until(lambda: CountingRedis.pipelines == 1, timeout=5)
+    wait_until(lambda: commit.round_trips == 1, timeout=5)
     queued = [threading.Thread(target=call, args=(n, 0)) for n in range(1, 11)]
     for thread in queued:
         thread.start()
@@ -661,7 +651,7 @@ def test_calls_that_arrive_during_a_round_trip_share_the_next_one(
     client.close()
 
     assert results == {n: str(n).encode() for n in range(11)}
-    assert CountingRedis.pipelines == 2, "the ten calls queued behind the slow one go together"
+    assert commit.round_trips == 2, "the ten calls queued behind the slow one go together"
 
 
 def test_a_failed_round_trip_fails_its_calls_and_the_next_ones_go_through(

@@ -24,6 +24,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -204,6 +205,10 @@ class _PendingCall:
         self.ready.set()
 
 
+class _ConnectFailed(Exception):
+    """Carries a failed connect out of redis-py's retry loop, which would retry it."""
+
+
 class GroupCommit:
     """Runs a Lua script for all callers that arrive together in pipelined round trips.
 
@@ -223,6 +228,9 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._queue: list[_PendingCall] = []
         self._in_flight = 0
+        self._idle: list[redis.connection.AbstractConnection] = []
+        self._pid = os.getpid()
+        self.round_trips = 0  # sent so far, resends included: how much sharing there was
 
     def call(self, keys: list[str], args: list[Any]) -> Any:
         pending = _PendingCall(keys, args)
@@ -280,20 +288,84 @@ class GroupCommit:
                 self._hand_on_locked([p for p in batch if p is not pending])
 
     def _run(self, batch: list[_PendingCall]) -> list[Any]:
-        pipeline = self._client.pipeline(transaction=False)
-        for pending in batch:
-            pipeline.evalsha(self._script.sha, len(pending.keys), *pending.keys, *pending.args)
-        results = pipeline.execute(raise_on_error=False)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:  # Redis restarted or its script cache was flushed: load it, run those again
-            self._client.script_load(self._script.script)
-            again = self._client.pipeline(transaction=False)
-            for i in missing:
-                again.evalsha(self._script.sha, len(batch[i].keys), *batch[i].keys,
-                              *batch[i].args)
-            for i, result in zip(missing, again.execute(raise_on_error=False), strict=True):
-                results[i] = result
-        return list(results)
+        connection = self._take_connection()
+        try:
+            results = self._round_trip_with_retry(connection, batch)
+            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if missing:  # Redis restarted or its script cache was flushed: load it, run those again
+                self._client.script_load(self._script.script)
+                again = self._round_trip_with_retry(connection, [batch[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+            return results
+        except BaseException:
+            connection.disconnect()  # a reply may still be on its way: never reuse the socket
+            raise
+        finally:
+            with self._lock:
+                self._idle.append(connection)
+
+    def _take_connection(self) -> redis.connection.AbstractConnection:
+        """A connection of the client's pool, kept for round trips (at most one per slot).
+
+        Borrowing one from the pool per round trip costs a lock, a readiness poll (a system
+        call) and the pipeline object's bookkeeping: about as much CPU as the round trip itself.
+        Kept connections still belong to the pool, so disconnecting the pool closes them.
+        """
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        return self._client.connection_pool.get_connection()
+
+    def _round_trip_with_retry(
+        self, connection: redis.connection.AbstractConnection, batch: list[_PendingCall]
+    ) -> list[Any]:
+        """One round trip, resent as redis-py resends its own commands.
+
+        Without the pool's readiness poll, a kept socket the server closed (a restart) shows
+        only when used: the first failure is resent at once on a fresh connection. After that
+        the client's retry policy reconnects and resends with its backoff. A resend of a
+        publish that did run is recognised by its publish id. A refused connect is raised at
+        once, for ``EventBus.publish`` to retry with its own pauses.
+        """
+        try:
+            return self._round_trip(connection, batch)
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()
+
+        def attempt() -> list[Any]:
+            try:
+                connection.connect()  # no-op while connected
+            except redis.ConnectionError as exc:
+                raise _ConnectFailed from exc
+            return self._round_trip(connection, batch)
+
+        try:
+            return connection.retry.call_with_retry(
+                attempt, lambda _error: connection.disconnect()
+            )
+        except _ConnectFailed as failed:
+            raise failed.__cause__ from None  # type: ignore[misc]
+
+    def _round_trip(
+        self, connection: redis.connection.AbstractConnection, batch: list[_PendingCall]
+    ) -> list[Any]:
+        sha = self._script.sha
+        with self._lock:
+            self.round_trips += 1
+        connection.send_packed_command(connection.pack_commands(
+            [("EVALSHA", sha, len(pending.keys), *pending.keys, *pending.args)
+             for pending in batch]
+        ))
+        results: list[Any] = []
+        for _ in batch:
+            try:
+                results.append(connection.read_response())
+            except redis.ResponseError as exc:  # this call's error; the connection is fine
+                results.append(exc)
+        return results
 
 
 class EventBus:
