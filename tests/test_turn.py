@@ -25,7 +25,7 @@ from tests.conftest import (
 )
 from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, SnapshotConflict
 from worker.payload import parse_turn
-from worker.turn import TurnServices, run_turn
+from worker.turn import TurnServices, end_stopped_before_running, run_turn
 
 ServicesFactory = Callable[..., TurnServices]
 
@@ -204,3 +204,40 @@ def _capture(failures: list[BaseException], function: Callable[..., Any], *args:
         function(*args)
     except BaseException as exc:
         failures.append(exc)
+
+
+def test_a_revoke_announced_after_the_turn_ended_publishes_no_second_end(
+    make_services: ServicesFactory, listen: Callable[[str], TurnListener]
+) -> None:
+    """Revoke with terminate races the supervisor: it can stop the turn (which publishes its
+    stopped end) before Celery announces the kill, and the announcement then finds no turn
+    running. Ending it "before it ran" would be a second ``message_end``."""
+    services = make_services()
+    turn = make_turn()
+    listener = listen(turn["message_id"])
+    attempt(services, turn)
+    first = listener.wait_for_end()
+
+    again = end_stopped_before_running(parse_turn(turn, services.settings), task_id="task-1",
+                                       services=services)
+
+    listener.drain_quietly(0.3)
+    assert again is None
+    assert [event["event"] for event in listener.events] == [e["event"] for e in first]
+    assert [event["event"] for event in first].count("message_end") == 1
+
+
+def test_a_turn_revoked_before_it_ran_ends_stopped_once(
+    make_services: ServicesFactory, listen: Callable[[str], TurnListener]
+) -> None:
+    services = make_services()
+    turn = make_turn()
+    listener = listen(turn["message_id"])
+
+    outcome = end_stopped_before_running(parse_turn(turn, services.settings),
+                                         task_id="task-1", services=services)
+
+    events = listener.wait_for_end()
+    assert outcome is not None and outcome.status == "stopped"
+    assert [(event["event"], event["status"]) for event in events] == [("message_end",
+                                                                        "stopped")]

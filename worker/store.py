@@ -349,7 +349,8 @@ class SessionStore:
             )
 
     def get_message(self, message_id: str) -> AssistantMessage | None:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._translate_errors(message_id), \
+                Session(self.engine, expire_on_commit=False) as session:
             return session.get(AssistantMessage, message_id)
 
     def get_snapshot(self, conversation_id: str) -> ConversationSnapshot | None:

@@ -178,8 +178,17 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
 
 
 def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
-                               services: TurnServices) -> TurnOutcome:
-    """End a turn that was stopped before any attempt ran (a revoked task)."""
+                               services: TurnServices) -> TurnOutcome | None:
+    """End a turn that was stopped before any attempt ran (a revoked task).
+
+    A turn that has ended already is left alone (None): its end went out. That is a revoke
+    with terminate racing the supervisor, which saw the task in the revoked set and stopped the
+    turn in the few milliseconds before the kill was announced.
+    """
+    message = services.store.get_message(turn.message_id)
+    if message is not None and message.status in FINISHED_STATUSES:
+        log.info("revoked turn %s had already ended (%s)", turn.message_id, message.status)
+        return None
     ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
     return _end_stopped(_new_message(turn, task_id), services.bus.turn(ids), services,
                         TurnProgress(ids), partial_answer="", run_id=None)
