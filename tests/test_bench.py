@@ -14,6 +14,8 @@ import pytest
 
 from bench.load import main, parse_args, report, run
 from bench.metrics import RunTimeline, TurnTrace, latencies, max_overlap, percentile
+from bench.wakeup import main as wakeup_main
+from bench.wakeup import measure, table
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="the benchmark starts its own redis-server")
@@ -72,3 +74,19 @@ def test_percentiles_and_overlap() -> None:
     assert percentile(list(range(1, 101)), 0.99) == 99
     assert math.isnan(percentile([], 0.5))
     assert max_overlap([(0, 10), (1, 6), (5, 11), (10.5, 12)]) == 3
+
+
+def test_the_wakeup_probe_measures_each_pause_in_both_processes() -> None:
+    rows = [measure(gap_ms, 30) for gap_ms in (0.0, 1.0)]
+
+    assert [(row.gap_ms, row.messages) for row in rows] == [(0.0, 30), (1.0, 30)]
+    for row in rows:
+        assert 0 < row.round_trip_p50_us <= row.round_trip_p99_us
+        assert row.client_cpu_us > 0 and row.echo_cpu_us > 0
+    assert "| 1 ms | 30 |" in table(rows)
+
+
+def test_the_wakeup_probe_refuses_a_negative_pause() -> None:
+    with pytest.raises(SystemExit) as exited:
+        wakeup_main(["--gaps-ms", "1,-2"])
+    assert exited.value.code == 2
