@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import ConstantBackoff
+from redis.retry import Retry
 
 from config.settings import Settings
 from tests.conftest import PUBSUB_DB, REDIS_PORT, TcpProxy, retrying_redis_through, wait_until
@@ -510,6 +512,34 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.stop()
+
+
+def test_a_kept_connection_that_redis_closed_is_replaced_without_a_backoff(
+    private_redis: PrivateRedis, settings: Settings,
+) -> None:
+    """GroupCommit does not poll a kept connection before using it, so after a Redis restart
+    the first round trip finds the socket closed: it must resend at once on a new connection
+    (and load the script again), not wait out the client's retry backoff."""
+    client = redis.Redis(host="127.0.0.1", port=private_redis.port, socket_timeout=2,
+                         retry=Retry(ConstantBackoff(5.0), 1),
+                         retry_on_error=[redis.ConnectionError])
+    bus = EventBus(client, channel_for=settings.channel_for)
+    ids = new_ids()
+    try:
+        assert bus.publish(ids, "agent_message", {"answer": "before"}) == 1
+        round_trips_before = bus._commit.round_trips
+        private_redis.stop()
+        private_redis.start()
+
+        started = time.monotonic()
+        seq = bus.publish(ids, "agent_message", {"answer": "after"})
+
+        assert time.monotonic() - started < 2.0, "no 5 s backoff for a stale socket"
+        assert seq == 1, "the restarted Redis (no persistence) numbers from 1 again"
+        assert bus._commit.round_trips - round_trips_before == 3, (
+            "the stale socket's, the resend (NOSCRIPT: a new server), the one after loading")
+    finally:
+        client.close()
 
 
 def test_a_flush_that_failed_in_the_background_is_raised_on_the_next_call(
