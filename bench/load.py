@@ -54,7 +54,15 @@ from bench.metrics import (
     trace_from_messages,
 )
 from bench.probes import Monitor, ProcessProbe, command_stats, server_cpu_seconds
-from bench.procs import Child, free_port, start_private_redis, start_stub, start_worker
+from bench.procs import (
+    Child,
+    free_port,
+    relay_cpu_seconds,
+    start_private_redis,
+    start_relay,
+    start_stub,
+    start_worker,
+)
 from bench.readers import SUBSCRIBER_NAME_PREFIX, PatternSubscriber, read_direct
 from config.celery import celery_config
 from config.settings import Settings
@@ -230,6 +238,45 @@ def run_floor(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
     _reset_stub(stub_url)
     return _phase(scenario, "floor", scenario.turns, list(traces.values()), started,
                   timelines, before, after, concurrency=scenario.turns)
+
+
+def run_relay(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> Phase:
+    """The relay floor: the worker's three hops (relay, Redis, subscriber) with no worker in
+    them (``bench.relay``)."""
+    settings = Settings(**bench.settings_values(backend_url=stub_url))
+    template = load_template(settings.composition_template)
+    subscriber = PatternSubscriber(settings.pubsub_url, settings.channel_prefix,
+                                   f"r{uuid.uuid4().hex[:6]}", bench.shards).start()
+    keys = [subscriber.message_id(index) for index in range(scenario.turns)]
+    bodies = {key: build_run_request(prepare_turn(turn_fields(index, key), settings), template,
+                                     settings, session_snapshot=None, run_number=1)
+              for index, key in enumerate(keys)}
+    bodies_path = bench.folder / f"relay-{scenario.name}.json"
+    bodies_path.write_text(json.dumps(bodies))
+    stub_probe, admin, me = ProcessProbe(stub.pid), bench.admin(), psutil.Process()
+    bench.say(f"[{scenario.name}] relay: {scenario.turns} streams onto Redis channels")
+    try:
+        before = _costs(stub_probe, admin, me)
+        started = time.time()
+        relay = start_relay(bench.folder, name=scenario.name, stub_url=stub_url,
+                            redis_url=settings.pubsub_url,
+                            channel_prefix=settings.channel_prefix, bodies=bodies_path)
+        subscriber.wait_for_ends(keys, _timeout(scenario, scenario.turns))
+        relay.process.wait(30)
+        after = _costs(stub_probe, admin, me)
+    finally:
+        subscriber.close()
+    traces = []
+    for key in keys:
+        trace = trace_from_messages(key, subscriber.messages_of(key))
+        trace.started_at = started
+        traces.append(trace)
+    timelines = fetch_timelines(stub_url, None, keys)
+    _reset_stub(stub_url)
+    phase = _phase(scenario, "relay", scenario.turns, traces, started, timelines, before, after,
+                   concurrency=scenario.turns)
+    phase.worker_cpu = relay_cpu_seconds(relay.log_text())
+    return phase
 
 
 def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, pool: str,
@@ -438,7 +485,7 @@ ROWS: list[Row] = [
     ("subscriber backlog in Redis, peak bytes",
      lambda p: f"{p.backlog_peak:,}" if p.reader != "floor" else "-", None),
     ("worker log warnings + errors",
-     lambda p: f"{p.log_warnings:,}" if p.reader != "floor" else "-", None),
+     lambda p: f"{p.log_warnings:,}" if p.reader not in ("floor", "relay") else "-", None),
 ]
 
 
@@ -449,7 +496,8 @@ def report(phases: Sequence[Phase]) -> str:
         group = [phase for phase in phases if phase.scenario == scenario]
         floor = next((p for p in group if p.reader == "floor"), None)
         prefork = next((p for p in group if p.reader == "prefork"), None)
-        main = next((p for p in group if p.reader not in ("floor", "prefork")), None)
+        relay = next((p for p in group if p.reader == "relay"), None)
+        main = next((p for p in group if p.reader not in ("floor", "relay", "prefork")), None)
         out.append(f"### {scenario.name}: {scenario.turns:,} turns x {scenario.answer_tokens} "
                    f"tokens every {scenario.token_delay * 1000:g} ms "
                    f"({scenario.answer_seconds:g} s answers), coalescing window "
@@ -461,6 +509,8 @@ def report(phases: Sequence[Phase]) -> str:
             ratio_columns.append((f"{main.reader} ÷ prefork", main, prefork))
         if main is not None and floor is not None:
             ratio_columns.append((f"{main.reader} ÷ floor", main, floor))
+        if main is not None and relay is not None:
+            ratio_columns.append((f"{main.reader} ÷ relay", main, relay))
         header = ["", *columns, *(name for name, _, _ in ratio_columns)]
         out.append("| " + " | ".join(header) + " |")
         out.append("| --- " * len(header) + "|")
@@ -557,6 +607,7 @@ def run(args: argparse.Namespace) -> list[Phase]:
             try:
                 if not args.no_floor:
                     phases.append(run_floor(bench, scenario, stub, stub_url))
+                    phases.append(run_relay(bench, scenario, stub, stub_url))
                 for pool in pools:
                     phases.append(run_worker(bench, scenario, stub, stub_url, pool=pool,
                                              concurrency=args.concurrency,

@@ -94,6 +94,21 @@ def start_worker(folder: Path, *, name: str, pool: str, concurrency: int, queue:
                        lambda log: " ready." in log, env=env)
 
 
+def start_relay(folder: Path, *, name: str, stub_url: str, redis_url: str,
+                channel_prefix: str, bodies: Path) -> Child:
+    """``bench.relay`` on the given runs; it starts relaying as soon as it is up."""
+    command = [sys.executable, "-m", "bench.relay", "--stub", stub_url, "--redis-url", redis_url,
+               "--channel-prefix", channel_prefix, "--bodies", str(bodies)]
+    return start_child("relay", command, folder / f"relay-{name}.log",
+                       lambda log: "relaying" in log)
+
+
+def relay_cpu_seconds(log: str) -> float | None:
+    """The CPU the relay reported spending, once it has exited."""
+    match = re.search(r"cpu_seconds=([0-9.]+)", log)
+    return float(match.group(1)) if match else None
+
+
 def start_private_redis(folder: Path) -> tuple[Child, int]:
     """A Redis of our own, so ``INFO commandstats`` counts only this benchmark's commands."""
     server = shutil.which("redis-server")

@@ -18,7 +18,8 @@ import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -114,12 +115,44 @@ class PatternSubscriber:
 # The floor --------------------------------------------------------------------------------
 
 
+class StreamRefused(Exception):
+    """The stub answered a run's create or stream request with something else than a stream."""
+
+
+async def open_run_stream(host: str, port: int, body: dict[str, object]
+                          ) -> tuple[str, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Create a run on the stub and open its SSE stream on the same connection.
+
+    Plain HTTP/1.1 on asyncio streams: the cheapest client there is. The caller closes the
+    writer; on a refusal it is closed here.
+    """
+    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+    try:
+        payload = json.dumps(body).encode()
+        writer.write(b"POST /runs HTTP/1.1\r\nHost: stub\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        status, headers = await _response_head(reader)
+        answer = await reader.readexactly(int(headers.get("content-length", "0")))
+        if status != 202:
+            raise StreamRefused(f"create answered {status}: {answer[:200]!r}")
+        run_id = json.loads(answer)["run_id"]
+        writer.write(f"GET /runs/{run_id}/events/sse?after=0-0 HTTP/1.1\r\nHost: stub\r\n"
+                     "Accept: text/event-stream\r\n\r\n".encode())
+        status, headers = await _response_head(reader)
+        if status != 200 or headers.get("transfer-encoding") != "chunked":
+            raise StreamRefused(f"stream answered {status} {headers}")
+    except BaseException:
+        writer.close()
+        raise
+    return run_id, reader, writer
+
+
 async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
                       traces: dict[str, TurnTrace], timeout: float) -> dict[str, str]:
     """Create one run per body and read its events straight off the stub; return the run ids.
 
-    One coroutine per run, all at once, over plain HTTP/1.1 on asyncio streams: the cheapest
-    client there is, so its figures are the floor a worker is compared with.
+    One coroutine per run, all at once (``open_run_stream``), so its figures are the floor a
+    worker is compared with.
     """
     parts = urlsplit(stub_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
@@ -127,25 +160,14 @@ async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
 
     async def one(key: str, body: dict[str, object]) -> None:
         trace = traces[key]
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        trace.started_at = time.time()
         try:
-            payload = json.dumps(body).encode()
-            trace.started_at = time.time()
-            writer.write(b"POST /runs HTTP/1.1\r\nHost: stub\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-            status, headers = await _response_head(reader)
-            answer = await reader.readexactly(int(headers.get("content-length", "0")))
-            if status != 202:
-                trace.problems.append(f"create answered {status}: {answer[:200]!r}")
-                return
-            run_id = json.loads(answer)["run_id"]
-            run_ids[key] = run_id
-            writer.write(f"GET /runs/{run_id}/events/sse?after=0-0 HTTP/1.1\r\nHost: stub\r\n"
-                         "Accept: text/event-stream\r\n\r\n".encode())
-            status, headers = await _response_head(reader)
-            if status != 200 or headers.get("transfer-encoding") != "chunked":
-                trace.problems.append(f"stream answered {status} {headers}")
-                return
+            run_id, reader, writer = await open_run_stream(host, port, body)
+        except StreamRefused as refused:
+            trace.problems.append(str(refused))
+            return
+        run_ids[key] = run_id
+        try:
             await _follow(reader, trace)
         finally:
             writer.close()
@@ -169,26 +191,42 @@ async def _response_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers
 
 
-async def _follow(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
-    """Read a chunked SSE body until the run's terminal event."""
+RUN_ENDS = frozenset({"run_succeeded", "run_failed", "run_cancelled"})
+
+
+async def run_events(reader: asyncio.StreamReader
+                     ) -> AsyncIterator[tuple[float, dict[str, Any]]]:
+    """The envelopes of a chunked SSE body, each with the time its chunk came off the socket.
+
+    Ends after the run's terminal event; raises ``StreamRefused`` if the body ends before it.
+    """
     parser = SseParser()
     while True:
         size = int((await reader.readline()).split(b";")[0], 16)
         if size == 0:
-            trace.problems.append("the stream ended before a terminal event")
-            return
+            raise StreamRefused("the stream ended before a terminal event")
         chunk = await reader.readexactly(size + 2)
         received_at = time.time()
         for frame in parser.feed(chunk[:-2]):
             envelope = json.loads(frame.data)
+            yield received_at, envelope
+            if envelope.get("type") in RUN_ENDS:
+                return
+
+
+async def _follow(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
+    """Read a chunked SSE body until the run's terminal event."""
+    try:
+        async for received_at, envelope in run_events(reader):
             delta = envelope.get("agent_message_delta")
             if delta:
                 trace.add_delta(received_at, delta)
             kind = envelope.get("type")
-            if kind in ("run_succeeded", "run_failed", "run_cancelled"):
+            if kind in RUN_ENDS:
                 trace.end_at = received_at
                 trace.end_kind = "message_end" if kind == "run_succeeded" else "error"
                 trace.end_answer = trace.text
                 if kind != "run_succeeded":
                     trace.problems.append(f"{kind}: {envelope.get('data')}")
-                return
+    except StreamRefused as refused:
+        trace.problems.append(str(refused))

@@ -7,15 +7,34 @@ must never be the ones the rest of the suite is using.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import shutil
+import uuid
+from pathlib import Path
 
 import pytest
 
-from bench.load import main, parse_args, report, run
-from bench.metrics import RunTimeline, TurnTrace, latencies, max_overlap, percentile
+from bench.load import main, parse_args, report, run, turn_fields
+from bench.metrics import (
+    RunTimeline,
+    TurnTrace,
+    latencies,
+    max_overlap,
+    percentile,
+    trace_from_messages,
+)
+from bench.readers import PatternSubscriber
+from bench.relay import Relay
+from bench.relay import main as relay_main
 from bench.wakeup import main as wakeup_main
 from bench.wakeup import measure, table
+from config.settings import Settings
+from stub_backend import StubServer
+from tests.conftest import PUBSUB_DB, REDIS_HOST, REDIS_PORT, base_settings
+from worker.client import prepare_turn
+from worker.composition import build_run_request, load_template
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="the benchmark starts its own redis-server")
@@ -28,16 +47,21 @@ def test_a_tiny_load_runs_every_phase_and_measures_it() -> None:
 
     phases = run(args)
 
-    assert [phase.reader for phase in phases] == ["floor", "gevent", "threads", "prefork"]
+    assert [phase.reader for phase in phases] == ["floor", "relay", "gevent", "threads",
+                                                  "prefork"]
     for phase in phases:
         assert phase.ok == phase.asked, phase.problems()
         assert phase.turns_per_second > 0
         assert phase.sample.events and phase.sample.first_chunk and phase.sample.ends
-    for phase in phases[1:]:
+    relay, workers = phases[1], phases[2:]
+    assert relay.worker_cpu is not None and relay.worker_cpu > 0
+    assert relay.commands.get("publish", 0) > 0 and "evalsha" not in relay.commands
+    for phase in workers:
         assert phase.worker_cpu is not None and phase.worker_cpu > 0
         assert phase.rss_peak > 0 and phase.commands.get("evalsha", 0) > 0
     table = report(phases)
-    assert "gevent ÷ prefork" in table and "**turns/s**" in table
+    assert "gevent ÷ prefork" in table and "gevent ÷ relay" in table
+    assert "**turns/s**" in table
 
 
 def test_main_exits_non_zero_when_a_turn_fails(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,3 +114,74 @@ def test_the_wakeup_probe_refuses_a_negative_pause() -> None:
     with pytest.raises(SystemExit) as exited:
         wakeup_main(["--gaps-ms", "1,-2"])
     assert exited.value.code == 2
+
+
+def _relay_bodies(stub_url: str, subscriber: PatternSubscriber, turns: int
+                  ) -> tuple[Settings, dict[str, dict[str, object]]]:
+    settings = base_settings(backend_url=stub_url)
+    template = load_template(settings.composition_template)
+    bodies = {}
+    for index in range(turns):
+        key = subscriber.message_id(index)
+        bodies[key] = build_run_request(prepare_turn(turn_fields(index, key), settings),
+                                        template, settings, session_snapshot=None, run_number=1)
+    return settings, bodies
+
+
+def test_the_relay_puts_every_run_on_its_channel_in_order(stub_server: StubServer) -> None:
+    settings = base_settings()
+    subscriber = PatternSubscriber(settings.pubsub_url, settings.channel_prefix,
+                                   f"r{uuid.uuid4().hex[:6]}", shards=2).start()
+    try:
+        settings, bodies = _relay_bodies(stub_server.url, subscriber, 3)
+        relay = Relay(stub_server.url, f"redis://{REDIS_HOST}:{REDIS_PORT}/{PUBSUB_DB}",
+                      settings.channel_prefix)
+
+        asyncio.run(asyncio.wait_for(relay.run(bodies), timeout=30))
+
+        assert subscriber.wait_for_ends(list(bodies), timeout=10)
+    finally:
+        subscriber.close()
+    assert relay.failures == []
+    for key in bodies:
+        trace = trace_from_messages(key, subscriber.messages_of(key))
+        assert trace.ok, trace.problems
+        assert trace.end_kind == "message_end" and len(trace.chunks) > 1
+    assert relay.events == sum(len(subscriber.messages_of(key)) for key in bodies)
+
+
+def test_the_relay_ends_a_refused_run_with_an_error_and_exits_non_zero(
+        stub_server: StubServer, tmp_path: Path) -> None:
+    settings = base_settings()
+    subscriber = PatternSubscriber(settings.pubsub_url, settings.channel_prefix,
+                                   f"r{uuid.uuid4().hex[:6]}", shards=1).start()
+    try:
+        refused = subscriber.message_id(0)
+        bodies_file = tmp_path / "bodies.json"
+        bodies_file.write_text(json.dumps({refused: {"not": "a run request"}}))
+
+        code = relay_main(["--stub", stub_server.url,
+                           "--redis-url", f"redis://{REDIS_HOST}:{REDIS_PORT}/{PUBSUB_DB}",
+                           "--channel-prefix", settings.channel_prefix,
+                           "--bodies", str(bodies_file)])
+
+        assert subscriber.wait_for_ends([refused], timeout=10)
+    finally:
+        subscriber.close()
+    assert code == 1
+    [(_, raw)] = subscriber.messages_of(refused)
+    event = json.loads(raw)
+    assert event["event"] == "error" and event["code"] == "relay"
+    assert "create answered 4" in event["message"]
+
+
+def test_the_relay_refuses_bodies_that_are_not_an_object(tmp_path: Path) -> None:
+    bodies_file = tmp_path / "bodies.json"
+    bodies_file.write_text("[1, 2]")
+
+    with pytest.raises(SystemExit) as exited:
+        relay_main(["--stub", "http://127.0.0.1:9", "--redis-url", "redis://127.0.0.1:9/0",
+                    "--channel-prefix", "x:", "--bodies", str(bodies_file)])
+
+    assert exited.value.code == 2
+
