@@ -11,6 +11,8 @@ import asyncio
 import json
 import math
 import shutil
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from bench.metrics import (
 from bench.readers import PatternSubscriber
 from bench.relay import Relay
 from bench.relay import main as relay_main
+from bench.stream_path import main as stream_path_main
 from bench.wakeup import main as wakeup_main
 from bench.wakeup import measure, table
 from config.settings import Settings
@@ -185,3 +188,28 @@ def test_the_relay_refuses_bodies_that_are_not_an_object(tmp_path: Path) -> None
 
     assert exited.value.code == 2
 
+
+def test_the_stream_path_probe_reads_and_publishes_every_token(tmp_path: Path) -> None:
+    figures = tmp_path / "path.json"
+
+    # Its own process: the probe patches the standard library for gevent, as the worker does.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.stream_path", "--turns", "3", "--answer-tokens", "5",
+         "--token-delay", "0.02", "--json", str(figures)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(figures.read_text())
+    assert [(row["mode"], row["failures"]) for row in rows] == [("read", 0), ("publish", 0)]
+    assert rows[0]["events"] == rows[1]["events"] >= 3 * 5  # every token, counted per run
+    for row in rows:
+        assert row["cpu_us_per_event"] > 0
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+    assert f"| publish | 3 | {rows[1]['events']} |" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--modes", "read,teleport"], ["--turns", "0"]])
+def test_the_stream_path_probe_refuses_bad_options(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        stream_path_main(argv)
+    assert exited.value.code == 2
