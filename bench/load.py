@@ -489,6 +489,18 @@ ROWS: list[Row] = [
 ]
 
 
+def added_over_floor_row(floor: Phase | None) -> Row:
+    """What a reader adds to the floor's event latency, all N streaming: its p50 minus the
+    floor's p50, its p99 minus the floor's p99 (the two runs' events are not paired, so this
+    is a difference of percentiles). The issue's "added latency per event" target is this."""
+    def show(phase: Phase) -> str:
+        if floor is None or phase is floor or not phase.sample.steady or not floor.sample.steady:
+            return "-"
+        mine, base = Distribution.of(phase.sample.steady), Distribution.of(floor.sample.steady)
+        return f"{(mine.p50 - base.p50) * 1000:.1f} / {(mine.p99 - base.p99) * 1000:.1f}"
+    return ("**added over the floor, all N streaming, p50 / p99, ms**", show, None)
+
+
 def report(phases: Sequence[Phase]) -> str:
     """Markdown: one table per scenario, readers side by side, then the ratios."""
     out: list[str] = []
@@ -514,7 +526,9 @@ def report(phases: Sequence[Phase]) -> str:
         header = ["", *columns, *(name for name, _, _ in ratio_columns)]
         out.append("| " + " | ".join(header) + " |")
         out.append("| --- " * len(header) + "|")
-        for label, show, value in ROWS:
+        steady_at = next(i for i, row in enumerate(ROWS) if "all N streaming" in row[0]) + 1
+        rows = [*ROWS[:steady_at], added_over_floor_row(floor), *ROWS[steady_at:]]
+        for label, show, value in rows:
             cells = [label, *(show(p) for p in group)]
             for _, top, bottom in ratio_columns:
                 cells.append(_ratio(value(top), value(bottom)) if value else "")

@@ -18,8 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import main, parse_args, report, run, turn_fields
+from bench.load import (
+    SCENARIOS,
+    Phase,
+    added_over_floor_row,
+    main,
+    parse_args,
+    report,
+    run,
+    turn_fields,
+)
 from bench.metrics import (
+    LatencySample,
     RunTimeline,
     TurnTrace,
     latencies,
@@ -64,6 +74,8 @@ def test_a_tiny_load_runs_every_phase_and_measures_it() -> None:
         assert phase.rss_peak > 0 and phase.commands.get("evalsha", 0) > 0
     table = report(phases)
     assert "gevent ÷ prefork" in table and "gevent ÷ relay" in table
+    added = next(line for line in table.splitlines() if "added over the floor" in line)
+    assert added.split(" | ")[1] == "-"  # the floor adds nothing to itself
     assert "**turns/s**" in table
 
 
@@ -213,3 +225,21 @@ def test_the_stream_path_probe_refuses_bad_options(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         stream_path_main(argv)
     assert exited.value.code == 2
+
+
+def test_added_latency_is_the_readers_percentiles_minus_the_floors() -> None:
+    def phase(reader: str, steady_ms: list[float]) -> Phase:
+        sample = LatencySample(events=[], steady=[ms / 1000 for ms in steady_ms],
+                               first_chunk=[], ends=[], pickups=[])
+        return Phase(scenario=SCENARIOS["latency"], reader=reader, concurrency=1, asked=1,
+                     traces=[], wall_seconds=1.0, sample=sample, stub_cpu=0.0, redis_cpu=0.0,
+                     driver_cpu=0.0)
+    floor = phase("floor", [1.0] * 98 + [5.0, 5.0])
+    worker = phase("gevent", [2.5] * 98 + [9.0, 9.0])
+
+    label, show, _ = added_over_floor_row(floor)
+
+    assert "added over the floor" in label
+    assert show(worker) == "1.5 / 4.0"
+    assert show(floor) == "-"
+    assert added_over_floor_row(None)[1](worker) == "-"
