@@ -218,15 +218,20 @@ def turn_fields(index: int, message_id: str) -> dict[str, Any]:
             "query": f"benchmark turn {index}"}
 
 
+def run_requests(settings: Settings, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The run request the worker would send for each benchmark turn, keyed by message id."""
+    template = load_template(settings.composition_template)
+    return {key: build_run_request(prepare_turn(turn_fields(index, key), settings), template,
+                                   settings, session_snapshot=None, run_number=1)
+            for index, key in enumerate(keys)}
+
+
 def run_floor(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> Phase:
     """The floor: the driver reads every run's stream straight from the stub."""
     settings = Settings(**bench.settings_values(backend_url=stub_url))
-    template = load_template(settings.composition_template)
     tag = f"f{uuid.uuid4().hex[:6]}"
     keys = [f"{tag}-{index}" for index in range(scenario.turns)]
-    bodies = {key: build_run_request(prepare_turn(turn_fields(index, key), settings), template,
-                                     settings, session_snapshot=None, run_number=1)
-              for index, key in enumerate(keys)}
+    bodies = run_requests(settings, keys)
     traces = {key: TurnTrace(key) for key in keys}
     stub_probe, admin, me = ProcessProbe(stub.pid), bench.admin(), psutil.Process()
     bench.say(f"[{scenario.name}] floor: {scenario.turns} direct streams")
@@ -244,13 +249,10 @@ def run_relay(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
     """The relay floor: the worker's three hops (relay, Redis, subscriber) with no worker in
     them (``bench.relay``)."""
     settings = Settings(**bench.settings_values(backend_url=stub_url))
-    template = load_template(settings.composition_template)
     subscriber = PatternSubscriber(settings.pubsub_url, settings.channel_prefix,
                                    f"r{uuid.uuid4().hex[:6]}", bench.shards).start()
     keys = [subscriber.message_id(index) for index in range(scenario.turns)]
-    bodies = {key: build_run_request(prepare_turn(turn_fields(index, key), settings), template,
-                                     settings, session_snapshot=None, run_number=1)
-              for index, key in enumerate(keys)}
+    bodies = run_requests(settings, keys)
     bodies_path = bench.folder / f"relay-{scenario.name}.json"
     bodies_path.write_text(json.dumps(bodies))
     stub_probe, admin, me = ProcessProbe(stub.pid), bench.admin(), psutil.Process()

@@ -50,16 +50,13 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
     import gevent
     import redis
 
-    from bench.load import fetch_timelines, turn_fields
+    from bench.load import fetch_timelines, run_requests
     from bench.metrics import percentile
     from config.settings import Settings
     from worker.backend import AgentBackendClient
-    from worker.client import prepare_turn
-    from worker.composition import build_run_request, load_template
     from worker.publisher import EventBus, TurnIds
 
     settings = Settings(backend_url=stub_url, pubsub_url=redis_url, coalesce_window_ms=0)
-    template = load_template(settings.composition_template)
     pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=turns + 8)
     bus = EventBus.from_settings(redis.Redis(connection_pool=pool), settings)
     backend = AgentBackendClient(stub_url, token=None, connect_timeout=5, read_timeout=30,
@@ -82,12 +79,8 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
                 if mode == "publish":
                     publisher.delta(event.answer_delta)
 
-    run_ids: dict[str, str] = {}
-    for index in range(turns):
-        key = f"path-{uuid.uuid4().hex[:8]}"
-        body = build_run_request(prepare_turn(turn_fields(index, key), settings), template,
-                                 settings, session_snapshot=None, run_number=1)
-        run_ids[key] = backend.create_run(body, message_id=key)
+    bodies = run_requests(settings, [f"path-{uuid.uuid4().hex[:8]}" for _ in range(turns)])
+    run_ids = {key: backend.create_run(body, message_id=key) for key, body in bodies.items()}
     cpu_before = _cpu_seconds()
     greenlets = [gevent.spawn(follow, key, run_id) for key, run_id in run_ids.items()]
     gevent.joinall(greenlets, timeout=300)

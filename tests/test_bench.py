@@ -26,7 +26,7 @@ from bench.load import (
     parse_args,
     report,
     run,
-    turn_fields,
+    run_requests,
 )
 from bench.metrics import (
     LatencySample,
@@ -46,8 +46,6 @@ from bench.wakeup import measure, table
 from config.settings import Settings
 from stub_backend import StubServer
 from tests.conftest import PUBSUB_DB, REDIS_HOST, REDIS_PORT, base_settings
-from worker.client import prepare_turn
-from worker.composition import build_run_request, load_template
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="the benchmark starts its own redis-server")
@@ -134,13 +132,7 @@ def test_the_wakeup_probe_refuses_a_negative_pause() -> None:
 def _relay_bodies(stub_url: str, subscriber: PatternSubscriber, turns: int
                   ) -> tuple[Settings, dict[str, dict[str, object]]]:
     settings = base_settings(backend_url=stub_url)
-    template = load_template(settings.composition_template)
-    bodies = {}
-    for index in range(turns):
-        key = subscriber.message_id(index)
-        bodies[key] = build_run_request(prepare_turn(turn_fields(index, key), settings),
-                                        template, settings, session_snapshot=None, run_number=1)
-    return settings, bodies
+    return settings, run_requests(settings, [subscriber.message_id(i) for i in range(turns)])
 
 
 def test_the_relay_puts_every_run_on_its_channel_in_order(stub_server: StubServer) -> None:
