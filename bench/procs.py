@@ -74,8 +74,11 @@ def free_port() -> int:
 
 
 def start_stub(folder: Path, *, answer_tokens: int, token_delay: float) -> tuple[Child, str]:
-    """The stub backend on a port it picks itself; returns it and its URL."""
-    command = [sys.executable, "-m", "stub_backend", "--port", "0",
+    """The stub backend on a port it picks itself; returns it and its URL.
+
+    Without collector pauses: a measurement must not charge the stub's own stalls to a reader.
+    """
+    command = [sys.executable, "-m", "stub_backend", "--port", "0", "--no-gc-pauses",
                "--answer-tokens", str(answer_tokens), "--token-delay", str(token_delay)]
     child = start_child("stub backend", command, folder / "stub.log",
                         lambda log: "listening on http" in log)

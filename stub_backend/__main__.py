@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import sys
 
 from stub_backend.app import StubSettings, create_app
@@ -26,6 +27,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--answer-tokens", type=int, help="pad answers to this many tokens")
     parser.add_argument("--keepalive-interval", type=float, help="seconds between keepalives")
     parser.add_argument("--auth-token", help="require this bearer token on the run API")
+    parser.add_argument("--no-gc-pauses", action="store_true",
+                        help="no automatic garbage collection (for benchmarks); "
+                             "DELETE /_stub/state collects")
     return parser.parse_args(argv)
 
 
@@ -47,9 +51,24 @@ def settings_from(args: argparse.Namespace) -> StubSettings:
 LISTEN_BACKLOG = 2048
 
 
+def stop_collector_pauses() -> None:
+    """Keep the garbage collector from pausing the stub between stamping an event and sending it.
+
+    The stub keeps every run's events, so its full collections grow with the load and reach
+    ~100 ms at 200 runs x 100 tokens: every stream then stalls at once, and a benchmark charges
+    the stall to whoever reads the events. Start-up objects are frozen and automatic collection
+    is off; the reset endpoint collects, between a benchmark's phases.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = settings_from(args)
+    if args.no_gc_pauses:
+        stop_collector_pauses()
     sock = bind_socket(args.host, args.port)
     # Listening before the line below is printed: whoever waits for the line (scripts, the
     # benchmark) connects at once, and a bound socket that does not listen yet refuses them.

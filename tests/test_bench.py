@@ -8,12 +8,14 @@ must never be the ones the rest of the suite is using.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import shutil
 import subprocess
 import sys
 import uuid
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from bench.load import (
     SCENARIOS,
     Phase,
     added_over_floor_row,
+    collector_paused,
     main,
     parse_args,
     report,
@@ -235,3 +238,20 @@ def test_added_latency_is_the_readers_percentiles_minus_the_floors() -> None:
     assert show(worker) == "1.5 / 4.0"
     assert show(floor) == "-"
     assert added_over_floor_row(None)[1](worker) == "-"
+
+
+def test_the_driver_does_not_collect_during_a_phase_and_collects_after_it() -> None:
+    collected = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        weakref.finalize(Cycle(), collected.append, True)
+        assert collected == []
+        raise RuntimeError("a phase that fails")
+
+    assert gc.isenabled()
+    assert collected == [True]

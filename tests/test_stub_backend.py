@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -752,3 +754,38 @@ def test_the_url_it_announces_accepts_connections_at_once() -> None:
         process.wait(timeout=10)
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_reset_collects_cyclic_garbage_when_automatic_collection_is_off(
+    backend: StubServer,
+) -> None:
+    """A benchmark's stub runs with the collector off (--no-gc-pauses); the reset between its
+    phases is where the garbage of the phase before goes."""
+    collected = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    weakref.finalize(Cycle(), collected.append, True)
+    gc.disable()
+    try:
+        assert collected == []
+
+        requests.delete(f"{backend.url}/_stub/state", timeout=TIMEOUT).raise_for_status()
+
+        assert collected == [True]
+    finally:
+        gc.enable()
+
+
+def test_no_gc_pauses_freezes_start_up_objects_and_stops_automatic_collection() -> None:
+    probe = ("import gc; from stub_backend.__main__ import parse_args, stop_collector_pauses; "
+             "assert parse_args(['--no-gc-pauses']).no_gc_pauses; "
+             "assert not parse_args([]).no_gc_pauses; "
+             "stop_collector_pauses(); print(gc.isenabled(), gc.get_freeze_count() > 1000)")
+
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=60, check=True)
+
+    assert shown.stdout.split() == ["False", "True"]
