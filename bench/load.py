@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -638,22 +639,20 @@ def run(args: argparse.Namespace) -> list[Phase]:
         for scenario in scenarios_from(args):
             stub, stub_url = start_stub(folder, answer_tokens=scenario.answer_tokens,
                                         token_delay=scenario.token_delay)
+            steps: list[Callable[[], Phase]] = []
+            if not args.no_floor:
+                steps += [partial(run_floor, bench, scenario, stub, stub_url),
+                          partial(run_relay, bench, scenario, stub, stub_url)]
+            steps += [partial(run_worker, bench, scenario, stub, stub_url, pool=pool,
+                              concurrency=args.concurrency, turns=scenario.turns)
+                      for pool in pools]
+            if scenario.prefork_turns:
+                steps.append(partial(run_worker, bench, scenario, stub, stub_url, pool="prefork",
+                                     concurrency=2, turns=scenario.prefork_turns))
             try:
-                if not args.no_floor:
+                for step in steps:
                     with collector_paused():
-                        phases.append(run_floor(bench, scenario, stub, stub_url))
-                    with collector_paused():
-                        phases.append(run_relay(bench, scenario, stub, stub_url))
-                for pool in pools:
-                    with collector_paused():
-                        phases.append(run_worker(bench, scenario, stub, stub_url, pool=pool,
-                                                 concurrency=args.concurrency,
-                                                 turns=scenario.turns))
-                if scenario.prefork_turns:
-                    with collector_paused():
-                        phases.append(run_worker(bench, scenario, stub, stub_url,
-                                                 pool="prefork", concurrency=2,
-                                                 turns=scenario.prefork_turns))
+                        phases.append(step())
             finally:
                 stub.stop()
     return phases
