@@ -270,15 +270,8 @@ def run_relay(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
         after = _costs(stub_probe, admin, me)
     finally:
         subscriber.close()
-    traces = []
-    for key in keys:
-        trace = trace_from_messages(key, subscriber.messages_of(key))
-        trace.started_at = started
-        traces.append(trace)
-    timelines = fetch_timelines(stub_url, None, keys)
-    _reset_stub(stub_url)
-    phase = _phase(scenario, "relay", scenario.turns, traces, started, timelines, before, after,
-                   concurrency=scenario.turns)
+    phase = _subscribed_phase(scenario, "relay", subscriber, dict.fromkeys(keys, started),
+                              stub_url, started, before, after, concurrency=scenario.turns)
     phase.worker_cpu = relay_cpu_seconds(relay.log_text())
     return phase
 
@@ -333,20 +326,13 @@ def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, 
         subscriber.close()
         worker.stop()
         producer.close()
-    traces = []
-    for key in keys:
-        trace = trace_from_messages(key, subscriber.messages_of(key))
-        trace.started_at = starts.get(key)
-        traces.append(trace)
-    timelines = fetch_timelines(stub_url, None, keys)
-    _reset_stub(stub_url)
-    phase = _phase(scenario, pool, turns, traces, started, timelines, before, after,
-                   concurrency=concurrency)
+    phase = _subscribed_phase(scenario, pool, subscriber, {key: starts.get(key) for key in keys},
+                              stub_url, started, before, after, concurrency=concurrency)
     phase.rss_idle, phase.rss_peak = rss_idle, monitor.peaks.rss_bytes
     phase.threads_peak, phase.fds_peak = monitor.peaks.threads, monitor.peaks.open_files
     phase.backlog_peak = monitor.peaks.subscriber_backlog
     phase.in_flight_peak = max_overlap((t.first_chunk_at or t.end_at, t.end_at)
-                                       for t in traces if t.end_at is not None)
+                                       for t in phase.traces if t.end_at is not None)
     phase.log_warnings = sum(1 for line in worker.log_text().splitlines()
                              if "WARNING" in line or "ERROR" in line or "CRITICAL" in line)
     return phase
@@ -368,6 +354,21 @@ def _costs(stub: ProcessProbe, admin: redis.Redis, me: psutil.Process,
     return _Costs(stub.sample().cpu_seconds, server_cpu_seconds(admin), times.user + times.system,
                   command_stats(admin), worker.sample().cpu_seconds if worker else None,
                   time.time())
+
+
+def _subscribed_phase(scenario: Scenario, reader: str, subscriber: PatternSubscriber,
+                      starts: dict[str, float | None], stub_url: str, started: float,
+                      before: _Costs, after: _Costs, *, concurrency: int) -> Phase:
+    """A phase whose turns the pattern subscriber received, one per key of ``starts``."""
+    traces = []
+    for key, started_at in starts.items():
+        trace = trace_from_messages(key, subscriber.messages_of(key))
+        trace.started_at = started_at
+        traces.append(trace)
+    timelines = fetch_timelines(stub_url, None, list(starts))
+    _reset_stub(stub_url)
+    return _phase(scenario, reader, len(starts), traces, started, timelines, before, after,
+                  concurrency=concurrency)
 
 
 def _phase(scenario: Scenario, reader: str, asked: int, traces: list[TurnTrace],

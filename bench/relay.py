@@ -78,13 +78,9 @@ class Relay:
             seq += 1
             self._publish(key, {"event": event, "message_id": key, **fields, "seq": seq})
 
+        writer = None
         try:
             _, reader, writer = await open_run_stream(*self._stub, body)
-        except StreamRefused as refused:
-            self.failures.append(f"{key}: {refused}")
-            publish("error", code="relay", message=str(refused))
-            return
-        try:
             async for _, envelope in run_events(reader):
                 delta = envelope.get("agent_message_delta")
                 if delta:
@@ -99,7 +95,8 @@ class Relay:
             self.failures.append(f"{key}: {refused}")
             publish("error", code="relay", message=str(refused))
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
