@@ -198,11 +198,10 @@ def test_revoking_a_running_turn_from_flower_stops_it(
     """Flower's revoke is Celery's ``control.revoke``: the worker adds the task to its revoked
     set and the supervisor stops the turn, as ``stop_turn`` does.
 
-    With ``terminate`` the gevent pool kills the turn's greenlet, and the turn catches the kill
-    and ends as stopped; the threads pool (AGENT_TURN_TEST_POOL=threads) cannot kill a thread:
-    the worker's control handler raises NotImplementedError (logged) after the revoked set was
-    updated, so the turn stops the same way. Either way the task ends in SUCCESS with a stopped
-    summary.
+    ``terminate`` does not kill a running turn (``TurnRequest``): Celery revokes before it
+    kills, so the supervisor had often begun to end the turn, and a kill landing there lost the
+    end event or the task's result. Either way, on every pool, the task ends in SUCCESS with a
+    stopped summary.
     """
     turn = make_turn()
     stub.plan(turn["message_id"], **SLOW)

@@ -209,9 +209,8 @@ def _capture(failures: list[BaseException], function: Callable[..., Any], *args:
 def test_a_revoke_announced_after_the_turn_ended_publishes_no_second_end(
     make_services: ServicesFactory, listen: Callable[[str], TurnListener]
 ) -> None:
-    """Revoke with terminate races the supervisor: it can stop the turn (which publishes its
-    stopped end) before Celery announces the kill, and the announcement then finds no turn
-    running. Ending it "before it ran" would be a second ``message_end``."""
+    """A revoke can reach a task whose turn has already ended (a finished turn's message
+    redelivered, then revoked): ending it "before it ran" would be a second ``message_end``."""
     services = make_services()
     turn = make_turn()
     listener = listen(turn["message_id"])

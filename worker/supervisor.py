@@ -141,11 +141,6 @@ class TurnSupervisor:
             raise AgentBackendError(f"reading the stop flag failed: {exc}",
                                     message_id=message_id) from exc
 
-    def is_running(self, message_id: str) -> bool:
-        """Whether this process is running the turn now."""
-        with self._guard:
-            return message_id in self._controls
-
     def in_flight(self) -> int:
         with self._guard:
             return len(self._controls)

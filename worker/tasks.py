@@ -17,6 +17,7 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 from celery.signals import task_revoked, worker_init, worker_ready
+from celery.worker.request import Request
 
 from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
@@ -85,8 +86,28 @@ def retry_delay(retries_done: int, settings: Settings) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+class TurnRequest(Request):
+    """A turn's Celery request: a running turn is stopped, never killed.
+
+    Revoke with terminate (Flower's "terminate") would kill a gevent pool's greenlet wherever
+    it was, and Celery revokes (a Redis round trip) before it kills. In between, the supervisor
+    finds the task in the revoked set and the turn starts to end as stopped; the kill then
+    lands in its ending, after the answer was saved but before ``message_end`` went out, or in
+    Celery's bookkeeping after it, which then reports the task succeeded with no result. The
+    revoked set alone already stops the turn within the supervisor's tick, so a running turn
+    ends the same way on every pool, with one end event.
+    """
+
+    def terminate(self, pool: Any, signal: Any = None) -> None:
+        if self.time_start:
+            log.info("terminate of running task %s: the supervisor stops it as a revoke",
+                     self.id)
+            return
+        super().terminate(pool, signal)
+
+
 @app.task(name=TURN_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+          max_retries=None, Request=TurnRequest)
 def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -> dict[str, Any]:
     settings = get_settings()
     task_id = self.request.id
@@ -202,14 +223,11 @@ def _waited_too_long(busy: ConversationBusy, settings: Settings) -> bool:
 
 
 @task_revoked.connect
-def _end_revoked_turn(sender: Any = None, request: Any = None, terminated: bool = False,
-                      **_: Any) -> None:
+def _end_revoked_turn(sender: Any = None, request: Any = None, **_: Any) -> None:
     """A turn revoked before it ran (stop_turn, Flower) still ends, as stopped.
 
     Celery drops a revoked task without running it; without this its client would wait forever.
-    A turn revoked while running is stopped by the supervisor instead, and one terminated while
-    running in this process (a gevent pool kills its greenlet) ends itself with its partial
-    answer (``worker/turn.py``).
+    A turn revoked while running is stopped by the supervisor instead (``TurnRequest``).
     """
     if request is None or getattr(sender, "name", None) != TURN_TASK_NAME:
         return
@@ -218,11 +236,9 @@ def _end_revoked_turn(sender: Any = None, request: Any = None, terminated: bool 
         payload = parse_turn(kwargs.get("turn"), get_settings())
     except InvalidTurnPayload:
         return
-    services = get_services(get_settings())
-    if terminated and services.supervisor.is_running(payload.message_id):
-        return
     try:
-        end_stopped_before_running(payload, task_id=request.id, services=services)
+        end_stopped_before_running(payload, task_id=request.id,
+                                   services=get_services(get_settings()))
     except AgentBackendError as exc:
         log.error("could not end revoked turn %s: %s", payload.message_id, exc)
 

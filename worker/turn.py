@@ -53,12 +53,6 @@ from worker.store import (
 )
 from worker.supervisor import DEADLINE, STOPPED, TurnControl, TurnSupervisor
 
-try:
-    from greenlet import GreenletExit as Terminated
-except ImportError:  # greenlet comes with gevent; without it nothing can kill a turn this way
-    class Terminated(BaseException):  # type: ignore[no-redef]
-        """Never raised: stands in for greenlet's GreenletExit."""
-
 log = logging.getLogger(__name__)
 
 # Run states from which the run's stream can still deliver an answer worth re-attaching to.
@@ -181,9 +175,8 @@ def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
                                services: TurnServices) -> TurnOutcome | None:
     """End a turn that was stopped before any attempt ran (a revoked task).
 
-    A turn that has ended already is left alone (None): its end went out. That is a revoke
-    with terminate racing the supervisor, which saw the task in the revoked set and stopped the
-    turn in the few milliseconds before the kill was announced.
+    A turn that has ended already is left alone (None): its end went out, and a second one
+    would contradict it (a finished turn's task redelivered, then revoked).
     """
     message = services.store.get_message(turn.message_id)
     if message is not None and message.status in FINISHED_STATUSES:
@@ -236,14 +229,6 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             raise ProtocolViolation(
                 f"the answer exceeds {services.settings.max_answer_chars} characters",
                 run_id=run_id, message_id=turn.message_id)
-    except Terminated:
-        # Revoke with terminate (Flower's "terminate") kills a gevent pool's greenlet: the kill
-        # arrives here as GreenletExit, wherever the turn was waiting. End the turn as a stop
-        # does; Celery has already acknowledged it and marked it revoked.
-        log.info("turn %s was terminated; ending it as stopped", turn.message_id)
-        services.supervisor.interrupt(control, STOPPED)
-        return _end_stopped(new, publisher, services, progress,
-                            partial_answer=streamed.text(), run_id=control.run_id)
     except AgentBackendError as exc:
         exc.attempts = state.attempts
         if control.stop_reason == STOPPED:
