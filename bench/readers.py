@@ -168,7 +168,7 @@ async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
             return
         run_ids[key] = run_id
         try:
-            await _follow(reader, trace)
+            await follow_stream(reader, trace)
         finally:
             writer.close()
 
@@ -202,7 +202,10 @@ async def run_events(reader: asyncio.StreamReader
     """
     parser = SseParser()
     while True:
-        size = int((await reader.readline()).split(b";")[0], 16)
+        size_line = await reader.readline()
+        if not size_line:
+            raise StreamRefused("the stub closed the connection before a terminal event")
+        size = int(size_line.split(b";")[0], 16)
         if size == 0:
             raise StreamRefused("the stream ended before a terminal event")
         chunk = await reader.readexactly(size + 2)
@@ -214,7 +217,7 @@ async def run_events(reader: asyncio.StreamReader
                 return
 
 
-async def _follow(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
+async def follow_stream(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
     """Read a chunked SSE body until the run's terminal event."""
     try:
         async for received_at, envelope in run_events(reader):
@@ -228,5 +231,6 @@ async def _follow(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
                 trace.end_answer = trace.text
                 if kind != "run_succeeded":
                     trace.problems.append(f"{kind}: {envelope.get('data')}")
-    except StreamRefused as refused:
-        trace.problems.append(str(refused))
+    except (StreamRefused, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        # A broken stream fails its turn, not the other runs read beside it.
+        trace.problems.append(f"{type(exc).__name__}: {exc}")

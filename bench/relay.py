@@ -91,9 +91,10 @@ class Relay:
                     publish("message_end", answer="".join(text))
                 elif kind in RUN_ENDS:
                     publish("error", code=kind, message=str(envelope.get("data")))
-        except StreamRefused as refused:
-            self.failures.append(f"{key}: {refused}")
-            publish("error", code="relay", message=str(refused))
+        except (StreamRefused, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            # One run's broken stream fails that turn, not the other runs being relayed.
+            self.failures.append(f"{key}: {type(exc).__name__}: {exc}")
+            publish("error", code="relay", message=f"{type(exc).__name__}: {exc}")
         finally:
             if writer is not None:
                 writer.close()

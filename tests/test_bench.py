@@ -40,7 +40,7 @@ from bench.metrics import (
     percentile,
     trace_from_messages,
 )
-from bench.readers import PatternSubscriber
+from bench.readers import PatternSubscriber, follow_stream
 from bench.relay import Relay
 from bench.relay import main as relay_main
 from bench.stream_path import main as stream_path_main
@@ -255,3 +255,22 @@ def test_the_driver_does_not_collect_during_a_phase_and_collects_after_it() -> N
 
     assert gc.isenabled()
     assert collected == [True]
+
+
+def test_a_stream_closed_before_its_terminal_event_fails_only_its_own_turn() -> None:
+    """A connection the stub closes mid-run is that turn's failure, not an exception that
+    stops every other run read beside it (it once cut a relay phase short by 23 turns)."""
+    event = b'data: {"type": "run_started", "agent_message_delta": "Hi"}\n\n'
+    trace = TurnTrace("closed")
+
+    async def follow_closed_stream() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"%x\r\n%s\r\n" % (len(event), event))
+        reader.feed_eof()
+        await follow_stream(reader, trace)
+
+    asyncio.run(follow_closed_stream())
+
+    assert trace.text == "Hi" and not trace.ok
+    assert trace.problems == ["StreamRefused: the stub closed the connection before a "
+                              "terminal event"]
