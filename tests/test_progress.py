@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from tests.conftest import (
     submit_and_wait,
 )
 from worker.client import submit_turn
+from worker.progress import ProgressReporter
 from worker.store import SessionStore, make_engine
 
 SECRET_CREDENTIAL = "sk-live-DO-NOT-LOG-4242"
@@ -173,3 +175,83 @@ def test_a_running_turn_shows_a_streaming_state_with_progress(
     summary = result.get(timeout=20)
     assert summary["status"] == "succeeded"
     assert summary["answer_chars"] > 0 and "answer" not in summary
+
+
+# The process's progress reporter ------------------------------------------------------------
+
+class GatedSender:
+    """Records what the reporter sends; each send waits until the test lets it through."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.entered = threading.Semaphore(0)
+        self.proceed = threading.Semaphore(0)
+        self._fail_first = fail_first
+
+    def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
+        self.entered.release()
+        assert self.proceed.acquire(timeout=5), "the test never let the send through"
+        if self._fail_first:
+            self._fail_first = False
+            raise ConnectionError("broker down")
+        self.sent.append((task_id, progress))
+
+    def wait_entered(self) -> None:
+        assert self.entered.acquire(timeout=5), "the reporter never sent"
+
+
+def test_a_report_not_yet_sent_is_replaced_by_its_turns_newer_one() -> None:
+    sender = GatedSender()
+    reporter = ProgressReporter(sender)
+    reporter.post("task-a", {"chunks": 1})
+    sender.wait_entered()  # task-a's first report is being sent; the next ones queue
+    reporter.post("task-b", {"chunks": 1})
+    reporter.post("task-a", {"chunks": 2})
+    reporter.post("task-a", {"chunks": 3})
+    for _ in range(3):
+        sender.proceed.release()
+    sender.wait_entered()
+    sender.wait_entered()
+    reporter.withdraw("task-a")
+    reporter.withdraw("task-b")
+
+    assert sender.sent == [("task-a", {"chunks": 1}), ("task-b", {"chunks": 1}),
+                           ("task-a", {"chunks": 3})]
+
+
+def test_a_withdrawn_report_is_never_sent_and_withdraw_waits_for_one_being_sent() -> None:
+    sender = GatedSender()
+    reporter = ProgressReporter(sender)
+    reporter.post("task-a", {"chunks": 1})
+    sender.wait_entered()
+    reporter.post("task-b", {"chunks": 1})
+    withdrawn = threading.Event()
+
+    def end_turn_a() -> None:
+        reporter.withdraw("task-b")  # not sent yet: dropped
+        reporter.withdraw("task-a")  # being sent: returns once it has gone out
+        withdrawn.set()
+
+    ending = threading.Thread(target=end_turn_a)
+    ending.start()
+    assert not withdrawn.wait(0.2), "withdraw returned while the report was still being sent"
+    sender.proceed.release()
+    assert withdrawn.wait(5)
+    ending.join(5)
+
+    assert sender.sent == [("task-a", {"chunks": 1})]
+    assert sender.entered.acquire(timeout=0.2) is False, "the withdrawn report went out"
+
+
+def test_a_failed_report_does_not_stop_the_next_ones() -> None:
+    sender = GatedSender(fail_first=True)
+    reporter = ProgressReporter(sender)
+    reporter.post("task-a", {"chunks": 1})
+    sender.wait_entered()
+    sender.proceed.release()  # this one fails
+    reporter.post("task-a", {"chunks": 2})
+    sender.wait_entered()
+    sender.proceed.release()
+    reporter.withdraw("task-a")
+
+    assert sender.sent == [("task-a", {"chunks": 2})]

@@ -7,9 +7,11 @@ fails for good (an invalid payload, a permanent error, or the last retry spent).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import random
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +29,7 @@ from worker.composition import CompositionTemplateError, load_template
 from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload
 from worker.logs import log_stage
 from worker.payload import TurnPayload, parse_turn, valid_message_id
-from worker.progress import ProgressReport, TurnProgress
+from worker.progress import ProgressReporter, TurnProgress
 from worker.publisher import EventBus, TurnIds
 from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
 
@@ -139,7 +141,8 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
             _publish_error(services, _raw_ids(task_id, exc.message_id, turn), exc)
         raise
 
-    progress = TurnProgress(_ids(payload, task_id), report=_streaming_state(self),
+    progress = TurnProgress(_ids(payload, task_id),
+                            reporter=_progress_reporter(self.request.hostname or ""),
                             interval_seconds=settings.progress_interval_seconds)
     log_stage("received", task_id=task_id, message_id=payload.message_id,
               conversation_id=payload.conversation_id, retries=self.request.retries)
@@ -176,16 +179,44 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
     raise failure
 
 
-def _streaming_state(task: Task) -> ProgressReport:
-    """Report a running turn to Celery: a ``STREAMING`` state with its progress in the result
+class StreamingState:
+    """Reports a running turn to Celery: a ``STREAMING`` state with its progress in the result
     backend (``AsyncResult.state``/``.info``) and a ``task-streaming`` event, which Flower's task
-    view shows live (it turns a custom event type into the task's state)."""
+    view shows live (it turns a custom event type into the task's state).
 
-    def report(progress: dict[str, Any]) -> None:
-        task.update_state(state=STREAMING, meta=progress)
-        task.send_event("task-streaming", **progress)
+    Called by the process's one ``ProgressReporter`` thread, so one event dispatcher (a
+    producer on the broker) serves every report instead of one built per report.
+    """
 
-    return report
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname
+        self._dispatcher: Any = None
+
+    def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
+        run_turn_task.backend.store_result(task_id, progress, STREAMING)
+        if self._dispatcher is None:
+            self._dispatcher = app.events.Dispatcher(app.connection_for_write(),
+                                                     hostname=self._hostname)
+        try:
+            self._dispatcher.send("task-streaming", uuid=task_id, **progress)
+        except Exception:
+            dispatcher, self._dispatcher = self._dispatcher, None  # the next report reconnects
+            with contextlib.suppress(Exception):
+                dispatcher.close()
+                dispatcher.connection.release()
+            raise
+
+
+_reporters: dict[str, ProgressReporter] = {}
+_reporters_guard = threading.Lock()
+
+
+def _progress_reporter(hostname: str) -> ProgressReporter:
+    """The process's reporter (one per worker name: a process runs one worker)."""
+    with _reporters_guard:
+        if hostname not in _reporters:
+            _reporters[hostname] = ProgressReporter(StreamingState(hostname))
+        return _reporters[hostname]
 
 
 def _retry(task: Task, **options: Any) -> BaseException:
