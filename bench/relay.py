@@ -47,6 +47,8 @@ class Relay:
         self._prefix = channel_prefix
         self._writer: asyncio.StreamWriter | None = None
         self.events = 0
+        self.confirmed = 0  # publishes Redis has answered
+        self._replied = asyncio.Event()  # set by each reply; the end waits for the last one
         self.failures: list[str] = []
 
     async def run(self, bodies: dict[str, dict[str, object]]) -> None:
@@ -54,16 +56,27 @@ class Relay:
         drain = asyncio.create_task(self._drain_replies(reader))
         try:
             await asyncio.gather(*(self._relay(key, body) for key, body in bodies.items()))
+            # Written is not sent: the last runs' ends may still sit in the transport's buffer,
+            # and closing the loop would drop them. Redis's reply to each is the proof it ran.
+            async with asyncio.timeout(30):
+                while self.confirmed < self.events and not drain.done():
+                    self._replied.clear()
+                    await self._replied.wait()
         finally:
-            await self._writer.drain()
             drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await drain
             self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
 
     async def _drain_replies(self, reader: asyncio.StreamReader) -> None:
-        while await reader.readline():
-            pass
+        try:
+            while await reader.readline():
+                self.confirmed += 1
+                self._replied.set()
+        finally:
+            self._replied.set()
 
     def _publish(self, key: str, message: dict[str, Any]) -> None:
         assert self._writer is not None
@@ -116,11 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"relaying {len(bodies)} runs", flush=True)
     asyncio.run(relay.run(bodies))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"relayed {len(bodies)} runs, {relay.events} events, {len(relay.failures)} failed, "
+    print(f"relayed {len(bodies)} runs, {relay.events} events ({relay.confirmed} confirmed by "
+          f"Redis), {len(relay.failures)} failed, "
           f"cpu_seconds={usage.ru_utime + usage.ru_stime:.4f}", flush=True)
     for failure in relay.failures[:10]:
         print(f"failed: {failure}", flush=True)
-    return 1 if relay.failures else 0
+    return 1 if relay.failures or relay.confirmed < relay.events else 0
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def test_the_relay_puts_every_run_on_its_channel_in_order(stub_server: StubServe
 
         asyncio.run(asyncio.wait_for(relay.run(bodies), timeout=30))
 
+        assert relay.confirmed == relay.events > 0, "the relay returned before Redis had all"
         assert subscriber.wait_for_ends(list(bodies), timeout=10)
     finally:
         subscriber.close()
