@@ -87,6 +87,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": 24 * 3600,
         "worker_hijack_root_logger": False,
     }
+    if settings.broker_url.partition("://")[0].lower() == "redis":
+        # kombu's Redis transport, keeping one client per channel (worker/broker.py).
+        config["broker_transport"] = "worker.broker:Transport"
     if not is_redis_url(settings.broker_url):
         # The options above are Redis's. RabbitMQ needs no visibility timeout: it redelivers an
         # unacknowledged turn when its worker's connection closes, or when the turn outlives the

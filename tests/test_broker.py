@@ -1,0 +1,84 @@
+"""kombu's Redis transport with one Redis client per channel (worker/broker.py), on a real Redis."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+from config.celery import celery_config
+from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings
+from worker.broker import Channel, Transport
+
+BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
+
+
+@pytest.fixture
+def connection() -> Iterator[Connection]:
+    with Connection(BROKER_URL, transport=Transport) as connection:
+        yield connection
+
+
+def test_a_channel_sends_every_command_through_one_client(connection: Connection) -> None:
+    channel = connection.default_channel
+    assert isinstance(channel, Channel)
+
+    with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+        assert first is second
+        assert first.ping() is True
+
+
+def test_a_replaced_pool_gets_a_client_of_its_own(connection: Connection) -> None:
+    channel = connection.default_channel
+    with channel.conn_or_acquire() as before:
+        pass
+    channel._pool = None  # what kombu does when the channel's connection was lost
+
+    with channel.conn_or_acquire() as after:
+        assert after is not before and after.connection_pool is channel.pool
+        assert after.ping() is True
+
+
+def test_messages_and_acknowledgements_go_through_the_kept_client(
+        connection: Connection) -> None:
+    name = f"broker-test-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    try:
+        with connection.Producer() as producer:
+            for number in range(3):
+                producer.publish({"n": number}, exchange=queue.exchange, routing_key=name,
+                                 declare=[queue], serializer="json")
+        received: list[int] = []
+
+        def on_message(body: dict[str, int], message: object) -> None:
+            received.append(body["n"])
+            message.ack()  # type: ignore[attr-defined]
+
+        with connection.Consumer(queue, callbacks=[on_message], accept=["json"]):
+            while len(received) < 3:
+                connection.drain_events(timeout=5)
+
+        assert received == [0, 1, 2]
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as client:
+            assert client.zcard(channel.unacked_index_key) == 0, "every message acknowledged"
+    finally:
+        queue(connection.default_channel).delete()
+
+
+def test_only_a_plain_redis_broker_gets_the_transport() -> None:
+    assert celery_config(base_settings())["broker_transport"] == "worker.broker:Transport"
+    for url in ("rediss://127.0.0.1:6380/0", "amqp://guest:guest@127.0.0.1:5672//",
+                "sentinel://127.0.0.1:26379"):
+        assert "broker_transport" not in celery_config(base_settings(broker_url=url)), url
+
+
+def test_a_celery_app_on_a_redis_url_connects_with_the_transport() -> None:
+    app = Celery("broker-test", set_as_current=False)
+    app.config_from_object(celery_config(base_settings()))
+    with app.connection_for_write() as connection:
+        assert isinstance(connection.transport, Transport)
+        assert connection.default_channel.client.ping() is True
