@@ -608,8 +608,18 @@ def _snapshot(plan: RunPlan, answer: str) -> dict[str, Any]:
 
 
 async def _produce(run: Run, plan: RunPlan) -> None:
-    """Emit the scripted event sequence of one run, independent of any SSE client."""
+    """Emit the scripted event sequence of one run, independent of any SSE client.
+
+    Token n is due n times ``token_delay`` after the first, on the run's own clock: a token that a
+    busy loop made late is sent at once and the next keeps its time. Sleeping ``token_delay``
+    after each token instead let the loop merge runs: every run whose timer fell due during
+    one slow loop iteration slept from the same instant afterwards, so runs fell into lock-step
+    and stayed there, and a load of 200 independent streams became bursts of 200 tokens at once
+    partway through a benchmark (docs/performance.md).
+    """
     started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    token_due = loop.time()
     run.append("run_started", {})
     run.append(
         "pydantic_ai_event",
@@ -624,7 +634,8 @@ async def _produce(run: Run, plan: RunPlan) -> None:
     for position, token in enumerate(plan.tokens):
         if fail_after is not None and position >= fail_after:
             break
-        await asyncio.sleep(plan.token_delay)
+        token_due += plan.token_delay
+        await asyncio.sleep(max(0.0, token_due - loop.time()))
         if position == 0:
             run.append(
                 "pydantic_ai_event",

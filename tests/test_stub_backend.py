@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -20,6 +21,7 @@ import pytest
 import requests
 
 from stub_backend import StubServer, StubSettings
+from stub_backend.app import Run, RunPlan, _produce
 from tests.conftest import wait_until
 
 TIMEOUT = (5.0, 10.0)
@@ -789,3 +791,26 @@ def test_no_gc_pauses_freezes_start_up_objects_and_stops_automatic_collection() 
                            text=True, timeout=60, check=True)
 
     assert shown.stdout.split() == ["False", "True"]
+
+
+def test_a_token_made_late_by_a_busy_loop_does_not_push_back_the_ones_after_it() -> None:
+    """Each token is due on the run's own schedule. Pacing by sleeping after every token let one
+    slow loop iteration shift the rest of a run, so the runs that iteration held fell into
+    lock-step for good and a benchmark's independent streams became bursts."""
+    plan = RunPlan(query="q", history=[], tokens=[f"t{i} " for i in range(10)], token_delay=0.02,
+                   fail=None, has_output=False, output=None, layer_names=["history"])
+    run = Run("run-1", "msg-1", {})
+
+    async def produce_through_a_busy_moment() -> None:
+        producer = asyncio.create_task(_produce(run, plan))
+        await asyncio.sleep(0.03)
+        time.sleep(0.05)  # the loop is busy while tokens 2 and 3 fall due
+        await asyncio.wait_for(producer, timeout=5)
+
+    asyncio.run(produce_through_a_busy_moment())
+
+    stamps = [event.key[0] for event in run.events if event.envelope.get("agent_message_delta")]
+    assert len(stamps) == 10 and run.status == "succeeded"
+    # On schedule the last token comes 9 x 20 ms after the first; with every later token
+    # pushed back by the busy moment it would come ~40 ms later than that.
+    assert 170 <= stamps[-1] - stamps[0] < 200, stamps
