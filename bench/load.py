@@ -239,7 +239,8 @@ def run_floor(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
     bench.say(f"[{scenario.name}] floor: {scenario.turns} direct streams")
     before = _costs(stub_probe, admin, me)
     started = time.time()
-    run_ids = asyncio.run(read_direct(stub_url, bodies, traces, _timeout(scenario, 10**9)))
+    run_ids = asyncio.run(read_direct(stub_url, bodies, traces, _timeout(scenario, 10**9),
+                                      stagger=scenario.token_delay))
     after = _costs(stub_probe, admin, me)
     timelines = fetch_timelines(stub_url, run_ids)
     _reset_stub(stub_url)
@@ -264,7 +265,8 @@ def run_relay(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
         started = time.time()
         relay = start_relay(bench.folder, name=scenario.name, stub_url=stub_url,
                             redis_url=settings.pubsub_url,
-                            channel_prefix=settings.channel_prefix, bodies=bodies_path)
+                            channel_prefix=settings.channel_prefix, bodies=bodies_path,
+                            stagger=scenario.token_delay)
         subscriber.wait_for_ends(keys, _timeout(scenario, scenario.turns))
         relay.process.wait(30)
         after = _costs(stub_probe, admin, me)

@@ -98,10 +98,11 @@ def start_worker(folder: Path, *, name: str, pool: str, concurrency: int, queue:
 
 
 def start_relay(folder: Path, *, name: str, stub_url: str, redis_url: str,
-                channel_prefix: str, bodies: Path) -> Child:
+                channel_prefix: str, bodies: Path, stagger: float = 0.0) -> Child:
     """``bench.relay`` on the given runs; it starts relaying as soon as it is up."""
     command = [sys.executable, "-m", "bench.relay", "--stub", stub_url, "--redis-url", redis_url,
-               "--channel-prefix", channel_prefix, "--bodies", str(bodies)]
+               "--channel-prefix", channel_prefix, "--bodies", str(bodies),
+               "--stagger", str(stagger)]
     return start_child("relay", command, folder / f"relay-{name}.log",
                        lambda log: "relaying" in log)
 

@@ -147,18 +147,31 @@ async def open_run_stream(host: str, port: int, body: dict[str, object]
     return run_id, reader, writer
 
 
+def stagger_of(index: int, runs: int, stagger: float) -> float:
+    """When run ``index`` of ``runs`` starts, so that the runs' token times fill one interval.
+
+    The stub paces every run on its own clock from its start, so runs created together emit
+    in step for their whole life: a reader that starts them all at once would get bursts of N
+    tokens that a worker, whose turns start spread over their pick-up, never sees. Spreading
+    the starts over one token interval gives the floor and the relay the same even mix.
+    """
+    return stagger * index / runs if runs else 0.0
+
+
 async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
-                      traces: dict[str, TurnTrace], timeout: float) -> dict[str, str]:
+                      traces: dict[str, TurnTrace], timeout: float, *,
+                      stagger: float = 0.0) -> dict[str, str]:
     """Create one run per body and read its events straight off the stub; return the run ids.
 
     One coroutine per run, all at once (``open_run_stream``), so its figures are the floor a
-    worker is compared with.
+    worker is compared with. Run i starts ``stagger`` x i / N after the first (``stagger_of``).
     """
     parts = urlsplit(stub_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     run_ids: dict[str, str] = {}
 
-    async def one(key: str, body: dict[str, object]) -> None:
+    async def one(key: str, body: dict[str, object], delay: float) -> None:
+        await asyncio.sleep(delay)
         trace = traces[key]
         trace.started_at = time.time()
         try:
@@ -174,7 +187,8 @@ async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
 
     async def all_runs() -> None:
         async with asyncio.timeout(timeout):
-            await asyncio.gather(*(one(key, body) for key, body in bodies.items()))
+            await asyncio.gather(*(one(key, body, stagger_of(index, len(bodies), stagger))
+                                   for index, (key, body) in enumerate(bodies.items())))
 
     with contextlib.suppress(TimeoutError):  # turns that did not end show up as failures
         await all_runs()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.readers import RUN_ENDS, StreamRefused, open_run_stream, run_events
+from bench.readers import RUN_ENDS, StreamRefused, open_run_stream, run_events, stagger_of
 
 
 def _publish_command(channel: str, message: dict[str, Any]) -> bytes:
@@ -51,11 +51,12 @@ class Relay:
         self._replied = asyncio.Event()  # set by each reply; the end waits for the last one
         self.failures: list[str] = []
 
-    async def run(self, bodies: dict[str, dict[str, object]]) -> None:
+    async def run(self, bodies: dict[str, dict[str, object]], *, stagger: float = 0.0) -> None:
         reader, self._writer = await asyncio.open_connection(*self._redis)
         drain = asyncio.create_task(self._drain_replies(reader))
         try:
-            await asyncio.gather(*(self._relay(key, body) for key, body in bodies.items()))
+            await asyncio.gather(*(self._relay(key, body, stagger_of(index, len(bodies), stagger))
+                                   for index, (key, body) in enumerate(bodies.items())))
             # Written is not sent: the last runs' ends may still sit in the transport's buffer,
             # and closing the loop would drop them. Redis's reply to each is the proof it ran.
             async with asyncio.timeout(30):
@@ -83,7 +84,8 @@ class Relay:
         self._writer.write(_publish_command(self._prefix + key, message))
         self.events += 1
 
-    async def _relay(self, key: str, body: dict[str, object]) -> None:
+    async def _relay(self, key: str, body: dict[str, object], delay: float) -> None:
+        await asyncio.sleep(delay)
         seq, text = 0, []
 
         def publish(event: str, **fields: Any) -> None:
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stub", required=True, help="the stub backend's URL")
     parser.add_argument("--redis-url", required=True, help="the Redis to publish on")
     parser.add_argument("--channel-prefix", required=True)
+    parser.add_argument("--stagger", type=float, default=0.0,
+                        help="seconds over which the runs' starts are spread (bench.readers)")
     parser.add_argument("--bodies", type=Path, required=True,
                         help="JSON object: message id → run request")
     args = parser.parse_args(argv)
@@ -127,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--bodies must hold a JSON object of message id → run request")
     relay = Relay(args.stub, args.redis_url, args.channel_prefix)
     print(f"relaying {len(bodies)} runs", flush=True)
-    asyncio.run(relay.run(bodies))
+    asyncio.run(relay.run(bodies, stagger=args.stagger))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"relayed {len(bodies)} runs, {relay.events} events ({relay.confirmed} confirmed by "
           f"Redis), {len(relay.failures)} failed, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import math
 import shutil
@@ -40,7 +41,7 @@ from bench.metrics import (
     percentile,
     trace_from_messages,
 )
-from bench.readers import PatternSubscriber, follow_stream
+from bench.readers import PatternSubscriber, follow_stream, read_direct, stagger_of
 from bench.relay import Relay
 from bench.relay import main as relay_main
 from bench.stream_path import main as stream_path_main
@@ -275,3 +276,21 @@ def test_a_stream_closed_before_its_terminal_event_fails_only_its_own_turn() -> 
     assert trace.text == "Hi" and not trace.ok
     assert trace.problems == ["StreamRefused: the stub closed the connection before a "
                               "terminal event"]
+
+
+def test_the_floor_starts_its_runs_spread_over_one_token_interval(
+        stub_server: StubServer) -> None:
+    """The stub paces each run from its own start, so runs started together stay in step; the
+    floor spreads its starts as a worker's pick-up does, so it does not read bursts of N."""
+    settings = base_settings(backend_url=stub_server.url)
+    keys = [f"stagger-{uuid.uuid4().hex[:6]}-{index}" for index in range(4)]
+    traces = {key: TurnTrace(key) for key in keys}
+
+    run_ids = asyncio.run(read_direct(stub_server.url, run_requests(settings, keys), traces,
+                                      timeout=30, stagger=0.2))
+
+    assert len(run_ids) == 4 and all(trace.ok for trace in traces.values())
+    starts = [traces[key].started_at for key in keys]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert all(0.04 <= gap < 0.1 for gap in gaps), gaps  # 0.2 s / 4 runs apart
+    assert [stagger_of(index, 4, 0.2) for index in range(4)] == pytest.approx([0, 0.05, 0.1, 0.15])
