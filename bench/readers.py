@@ -147,6 +147,11 @@ async def open_run_stream(host: str, port: int, body: dict[str, object]
     return run_id, reader, writer
 
 
+# What a run's stream can fail with: refused, closed, reset, cut short or garbled. Readers record
+# it as that turn's failure, so one broken stream never stops the other runs read beside it.
+BROKEN_STREAM = (StreamRefused, OSError, asyncio.IncompleteReadError, ValueError)
+
+
 def stagger_of(index: int, runs: int, stagger: float) -> float:
     """When run ``index`` of ``runs`` starts, so that the runs' token times fill one interval.
 
@@ -156,6 +161,13 @@ def stagger_of(index: int, runs: int, stagger: float) -> float:
     the starts over one token interval gives the floor and the relay the same even mix.
     """
     return stagger * index / runs if runs else 0.0
+
+
+def staggered(bodies: dict[str, dict[str, object]], stagger: float
+              ) -> list[tuple[str, dict[str, object], float]]:
+    """Each run's key, body and start delay (``stagger_of``)."""
+    return [(key, body, stagger_of(index, len(bodies), stagger))
+            for index, (key, body) in enumerate(bodies.items())]
 
 
 async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
@@ -187,8 +199,7 @@ async def read_direct(stub_url: str, bodies: dict[str, dict[str, object]],
 
     async def all_runs() -> None:
         async with asyncio.timeout(timeout):
-            await asyncio.gather(*(one(key, body, stagger_of(index, len(bodies), stagger))
-                                   for index, (key, body) in enumerate(bodies.items())))
+            await asyncio.gather(*(one(*run) for run in staggered(bodies, stagger)))
 
     with contextlib.suppress(TimeoutError):  # turns that did not end show up as failures
         await all_runs()
@@ -245,6 +256,5 @@ async def follow_stream(reader: asyncio.StreamReader, trace: TurnTrace) -> None:
                 trace.end_answer = trace.text
                 if kind != "run_succeeded":
                     trace.problems.append(f"{kind}: {envelope.get('data')}")
-    except (StreamRefused, OSError, asyncio.IncompleteReadError, ValueError) as exc:
-        # A broken stream fails its turn, not the other runs read beside it.
+    except BROKEN_STREAM as exc:
         trace.problems.append(f"{type(exc).__name__}: {exc}")

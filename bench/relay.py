@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.readers import RUN_ENDS, StreamRefused, open_run_stream, run_events, stagger_of
+from bench.readers import BROKEN_STREAM, RUN_ENDS, open_run_stream, run_events, staggered
 
 
 def _publish_command(channel: str, message: dict[str, Any]) -> bytes:
@@ -55,8 +55,7 @@ class Relay:
         reader, self._writer = await asyncio.open_connection(*self._redis)
         drain = asyncio.create_task(self._drain_replies(reader))
         try:
-            await asyncio.gather(*(self._relay(key, body, stagger_of(index, len(bodies), stagger))
-                                   for index, (key, body) in enumerate(bodies.items())))
+            await asyncio.gather(*(self._relay(*run) for run in staggered(bodies, stagger)))
             # Written is not sent: the last runs' ends may still sit in the transport's buffer,
             # and closing the loop would drop them. Redis's reply to each is the proof it ran.
             async with asyncio.timeout(30):
@@ -106,8 +105,7 @@ class Relay:
                     publish("message_end", answer="".join(text))
                 elif kind in RUN_ENDS:
                     publish("error", code=kind, message=str(envelope.get("data")))
-        except (StreamRefused, OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            # One run's broken stream fails that turn, not the other runs being relayed.
+        except BROKEN_STREAM as exc:
             self.failures.append(f"{key}: {type(exc).__name__}: {exc}")
             publish("error", code="relay", message=f"{type(exc).__name__}: {exc}")
         finally:

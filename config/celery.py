@@ -44,8 +44,12 @@ def turn_kwargsrepr(turn: Mapping[str, Any]) -> str:
     return repr({"turn": shown})
 
 
+def url_scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
 def is_redis_url(url: str) -> bool:
-    return url.partition("://")[0].lower() in _REDIS_SCHEMES
+    return url_scheme(url) in _REDIS_SCHEMES
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -87,7 +91,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": 24 * 3600,
         "worker_hijack_root_logger": False,
     }
-    if settings.broker_url.partition("://")[0].lower() == "redis":
+    if url_scheme(settings.broker_url) == "redis":
         # kombu's Redis transport, keeping one client per channel (worker/broker.py).
         config["broker_transport"] = "worker.broker:Transport"
     if not is_redis_url(settings.broker_url):
