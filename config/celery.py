@@ -36,12 +36,16 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
 
 def turn_kwargsrepr(turn: Mapping[str, Any]) -> str:
     """The ``kwargsrepr`` of a turn task: its ids and the first 64 characters of its query."""
-    shown: dict[str, Any] = {name: turn.get(name) for name in _TURN_REPR_FIELDS}
-    query = turn.get("query")
-    if isinstance(query, str) and len(query) > QUERY_REPR_CHARS:
-        query = query[:QUERY_REPR_CHARS] + "…"
-    shown["query"] = query
+    shown: dict[str, Any] = {name: _cut(turn.get(name), 128) for name in _TURN_REPR_FIELDS}
+    shown["query"] = _cut(turn.get("query"), QUERY_REPR_CHARS)
     return repr({"turn": shown})
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """A raw payload's field as Flower may show it: ``repr`` escapes, this bounds."""
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + "…"
+    return value if value is None or isinstance(value, str | int | float | bool) else "…"
 
 
 def url_scheme(url: str) -> str:

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_query_chars: int = Field(32_000, gt=0)
     max_system_prompt_chars: int = Field(16_000, gt=0)
     max_inputs_bytes: int = Field(64 * 1024, gt=0)
+    # How deep ``inputs`` may nest (objects and arrays); deeper is an invalid payload.
+    max_inputs_depth: int = Field(32, gt=0, le=256)
     max_output_tokens: int = Field(16_384, gt=0)
 
     # Publishing: the first delta of a turn goes out at once, later ones are coalesced until the

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import redis
 from celery import Celery
+from celery.result import AsyncResult
 
-from config.celery import celery_config
+from config.celery import TURN_TASK_NAME, celery_config
 from stub_backend import StubServer
 from tests.conftest import (
     RunningWorker,
@@ -32,6 +35,7 @@ from tests.conftest import (
     assert_nothing_saved,
     assert_single_end,
     base_settings,
+    final_state,
     make_turn,
     new_postgres_schema,
     send_raw_and_wait,
@@ -42,6 +46,9 @@ from tests.conftest import (
     wait_until,
 )
 from worker.client import submit_turn
+from worker.errors import InvalidTurnPayload
+from worker.ownership import owner_fingerprint
+from worker.payload import parse_turn, valid_message_id
 from worker.store import SessionStore, make_engine
 
 # Bad task payloads: (case, how to spoil a good turn). Each must be refused before any backend
@@ -70,6 +77,14 @@ BAD_PAYLOADS: list[tuple[str, dict[str, Any]]] = [
     ("system prompt over the limit", {"agent": {"system_prompt": "p" * 16_001}}),
     ("model name with spaces", {"agent": {"model": "gpt 4o"}}),
     ("unknown schema version", {"schema_version": 2}),
+    ("schema version true", {"schema_version": True}),
+    ("lone surrogate in the query", {"query": "hi \ud800 there"}),
+    ("NUL in the query", {"query": "a\x00b"}),
+    ("escape character in the system prompt", {"agent": {"system_prompt": "\x1b[2J"}}),
+    ("lone surrogate in a stop word", {"agent": {"parameters": {"stop": ["\udfff"]}}}),
+    ("lone surrogate in an inputs key", {"inputs": {"\udc80": 1}}),
+    ("NUL in an inputs value", {"inputs": {"k": ["ok", {"deeper": "\x00"}]}}),
+    ("inputs nested 40 deep", {"inputs": {"d": json.loads("[" * 40 + "]" * 40)}}),
 ]
 
 # Bad backend frames: (case, the raw SSE frame the stub injects after three good frames). Each
@@ -124,6 +139,90 @@ def test_bad_payload_is_refused_with_one_error_and_writes_nothing(
     assert stub.create_calls(turn["message_id"]) == 0
     assert celery_worker.store.get_message(turn["message_id"]) is None
     assert celery_worker.store.get_snapshot(turn["conversation_id"]) is None
+
+
+def test_an_invalid_conversation_id_beside_a_usable_message_id_still_ends_in_one_error(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(conversation_id="conv-\ud800", query="hi")
+    _, events = send_raw_and_wait({"turn": turn}, turn["message_id"], listen, producer_app,
+                                  celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "invalid_param"
+    assert error["conversation_id"] == "", "an invalid id is not echoed"
+    assert stub.create_calls(turn["message_id"]) == 0
+    assert celery_worker.store.get_message(turn["message_id"]) is None
+
+
+def test_a_refusal_echoes_only_a_bounded_escaped_excerpt_of_a_bad_value(
+    celery_worker: RunningWorker, listen: Any, producer_app: Any
+) -> None:
+    forged_key = "x\n2026-12-02 03:04:05 CRITICAL forged line " + "k" * 10_000
+    turn = make_turn(query="q" * 40_000, **{forged_key: "v" * 10_000})
+    result, events = send_raw_and_wait({"turn": turn}, turn["message_id"], listen, producer_app,
+                                       celery_worker)
+
+    error = assert_single_end(events, "error")
+    assert error["code"] == "invalid_param"
+    assert len(error["message"]) <= 1_200
+    assert "\n" not in error["message"] and "CRITICAL forged" in error["message"]
+    assert final_state(result) == "FAILURE"
+    assert len(str(result.result)) <= 1_200
+
+
+def test_a_payload_value_cannot_forge_a_line_in_the_worker_log(
+    celery_worker: RunningWorker, listen: Any, producer_app: Any
+) -> None:
+    marker = uuid.uuid4().hex[:8]
+    forged = f"CRITICAL forged {marker}"
+    turn = make_turn(**{f"\n{forged}\r\n{forged}": 1})
+    huge_id_turn = make_turn(message_id="m" * 60_000 + f"\n{forged}")
+    send_raw_and_wait({"turn": turn}, turn["message_id"], listen, producer_app, celery_worker)
+    huge = producer_app.send_task(TURN_TASK_NAME, kwargs={"turn": huge_id_turn},
+                                  queue=celery_worker.settings.queue)
+    assert final_state(huge) == "FAILURE"
+
+    lines = celery_worker.log_path.read_text(errors="replace").splitlines()
+    assert any(f"\\x0a{forged}" in line for line in lines), "the key is logged, escaped"
+    assert not [line for line in lines if line.startswith(forged)]
+    assert max(len(line) for line in lines) < 10_000
+
+
+# Task messages the consumer cannot read: each must end in FAILURE (never PENDING), with one
+# bounded log line, and leave the worker serving good turns.
+UNREADABLE_BODIES: list[tuple[str, bytes]] = [
+    ("not JSON", b"{this is not json"),
+    ("kwargs are a list", json.dumps([[], ["turn"], {}]).encode()),
+    ("nested 10,000 deep", b'[[], {"turn": {"inputs": {"a": ' + b"[" * 10_000 + b"]" * 10_000
+     + b"}}}, {}]"),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), UNREADABLE_BODIES,
+                         ids=[c for c, _ in UNREADABLE_BODIES])
+def test_a_task_message_that_cannot_be_read_fails_and_is_never_left_pending(
+    case: str, body: bytes, celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any
+) -> None:
+    task_id = str(uuid.uuid4())
+    with producer_app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body, routing_key=celery_worker.settings.queue, exchange="",
+            content_type="application/json", content_encoding="utf-8",
+            headers={"lang": "py", "task": TURN_TASK_NAME, "id": task_id, "root_id": task_id,
+                     "argsrepr": "()", "kwargsrepr": "{}"})
+
+    result = AsyncResult(task_id, app=producer_app)
+    assert final_state(result) == "FAILURE"
+    assert isinstance(result.result, Exception)
+    logged = [line for line in celery_worker.log_path.read_text(errors="replace").splitlines()
+              if task_id in line]
+    assert logged and all(len(line) < 2_000 for line in logged)
+    good = make_turn()
+    end = assert_single_end(submit_and_wait(good, listen, producer_app, celery_worker),
+                            "message_end")
+    assert end["answer"]
 
 
 @pytest.mark.parametrize(("case", "frame"), BAD_FRAMES, ids=[c for c, _ in BAD_FRAMES])
@@ -392,3 +491,93 @@ def test_a_redis_restart_mid_turn_costs_latency_not_the_answer(
         stop_worker(worker)
         bus.close()
         engine.dispose()
+
+
+# Generated hostile payloads ----------------------------------------------------------------
+
+_HOSTILE_STRINGS = st.sampled_from([
+    "", " ", "\x00", "\ud800", "a\udfffb", "\x1b[2J", "line\nCRITICAL forged", "x" * 129,
+    "y" * 33_000, "tenant-1", "user-1", "app-1", "conv:1", "../../etc", "😀", "\u2028"])
+_TEXT = st.one_of(_HOSTILE_STRINGS, st.text(st.characters(exclude_categories=[]), max_size=24))
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8)
+_FIELDS = ["schema_version", "tenant_id", "app_id", "user_id", "conversation_id", "message_id",
+           "user_from", "invoke_from", "query", "inputs", "agent"]
+
+
+@st.composite
+def _hostile_turns(draw: st.DrawFn, victim: dict[str, Any]) -> dict[str, Any]:
+    """A turn as a buggy or hostile web tier might send it: ids of the victim or of nobody,
+    any field spoiled, unknown fields added, some left out."""
+    turn = make_turn(tenant_id=draw(st.sampled_from(["tenant-1", "tenant-2"])),
+                     user_id=draw(st.sampled_from(["user-1", "user-2"])),
+                     query=f"intruder asks {draw(_TEXT)}")
+    if draw(st.booleans()):
+        turn["conversation_id"] = victim["conversation_id"]
+    if draw(st.integers(0, 3)) == 0:
+        turn["message_id"] = victim["message_id"]
+    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=2, unique=True)):
+        turn[name] = draw(_JSON)
+    for name in draw(st.lists(st.sampled_from(_FIELDS), max_size=1)):
+        turn.pop(name, None)
+    if draw(st.integers(0, 4)) == 0:
+        turn[draw(_TEXT)] = draw(_JSON)
+    return turn
+
+
+def _all_logged_events(client: redis.Redis) -> list[dict[str, Any]]:
+    events = []
+    for key in client.scan_iter(match="agent-turn:log:*", count=1000):
+        events += [json.loads(fields[b"data"]) | {"_log": key.decode()}
+                   for _, fields in client.xrange(key)]
+    return events
+
+
+@hypothesis.settings(max_examples=3, deadline=None, phases=[hypothesis.Phase.generate],
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
+                                            hypothesis.HealthCheck.too_slow,
+                                            hypothesis.HealthCheck.data_too_large])
+@hypothesis.given(data=st.data())
+def test_generated_hostile_payloads_each_end_once_and_never_cross_owners(
+    data: st.DataObject, celery_worker: RunningWorker, stub: StubControl, listen: Any,
+    producer_app: Any, redis_client: redis.Redis
+) -> None:
+    secret = f"secret-{uuid.uuid4().hex}"
+    victim = make_turn(query=f"my {secret}")
+    submit_and_wait(victim, listen, producer_app, celery_worker)
+    turns = data.draw(st.lists(_hostile_turns(victim), min_size=40, max_size=40))
+    sent = [(turn, producer_app.send_task(TURN_TASK_NAME, kwargs={"turn": turn},
+                                          queue=celery_worker.settings.queue))
+            for turn in turns]
+    for _, result in sent:
+        assert final_state(result, timeout=60) in ("SUCCESS", "FAILURE")
+
+    events = _all_logged_events(redis_client)
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_task.setdefault(event["task_id"], []).append(event)
+    victims_log = f"agent-turn:log:{victim['message_id']}"
+    victims_tasks = {event["task_id"] for event in events if event["_log"] == victims_log}
+    for turn, result in sent:
+        mine = by_task.get(result.id, [])
+        try:
+            parsed = parse_turn(turn, celery_worker.settings)
+        except InvalidTurnPayload:
+            parsed = None
+        if valid_message_id(turn) is not None:
+            ends = [event for event in mine if event["event"] in ("message_end", "error")]
+            assert len(ends) == 1, (turn, mine)
+        if parsed is None and turn.get("message_id") != victim["message_id"] \
+                and valid_message_id(turn) is not None:
+            assert celery_worker.store.get_message(turn["message_id"]) is None, turn
+        owned_by_victim = parsed is not None and parsed.owner == owner_fingerprint(
+            victim["tenant_id"], victim["app_id"], victim["user_id"])
+        if not owned_by_victim:
+            assert result.id not in victims_tasks, ("an intruder on the victim's stream", turn)
+            assert secret not in json.dumps(mine), ("the victim's text reached", turn)
+
+    follow_up = make_turn(conversation_id=victim["conversation_id"])
+    assert_single_end(submit_and_wait(follow_up, listen, producer_app, celery_worker),
+                      "message_end")

@@ -12,7 +12,9 @@ from sqlalchemy import inspect, text
 
 from tests.conftest import ROOT, base_settings, settings_env
 from worker.migrate import current_revision, head_revision, upgrade
-from worker.store import Base, SessionStore, make_engine
+from worker.store import AssistantMessage, Base, ConversationSnapshot, SessionStore, make_engine
+
+FIRST_REVISION_TABLES = [ConversationSnapshot.__table__, AssistantMessage.__table__]
 
 
 def test_migrations_create_exactly_the_schema_the_models_describe(database_url: str) -> None:
@@ -59,7 +61,8 @@ def test_the_migrate_command_upgrades_the_configured_database(tmp_path: Path) ->
 def test_a_schema_made_before_migrations_is_adopted_and_upgraded(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
-        Base.metadata.create_all(engine)  # how the store made its tables before Alembic
+        # How the store made its tables before Alembic: the tables of revision 0001.
+        Base.metadata.create_all(engine, tables=FIRST_REVISION_TABLES)
 
         SessionStore(engine).create_schema()
 
@@ -71,7 +74,7 @@ def test_a_schema_made_before_migrations_is_adopted_and_upgraded(database_url: s
 def test_a_schema_with_an_empty_revision_table_is_adopted_too(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
-        Base.metadata.create_all(engine)
+        Base.metadata.create_all(engine, tables=FIRST_REVISION_TABLES)
         with engine.begin() as connection:  # what an interrupted first upgrade can leave
             connection.execute(text("CREATE TABLE alembic_version "
                                     "(version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))
@@ -79,5 +82,35 @@ def test_a_schema_with_an_empty_revision_table_is_adopted_too(database_url: str)
         SessionStore(engine).create_schema()
 
         assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_gives_each_stored_conversation_the_owner_of_its_first_message(
+        database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        upgrade(engine, "0001")
+        insert = text(
+            "INSERT INTO assistant_messages (message_id, conversation_id, tenant_id, app_id, "
+            "user_id, task_id, query, status, run_count, attempts, created_at, updated_at) "
+            "VALUES (:m, :c, :t, 'app-1', :u, 'task', 'q', 'succeeded', 1, 1, :at, :at)")
+        with engine.begin() as connection:
+            for message, conversation, tenant, user, at in [
+                ("m2", "conv-a", "tenant-b", "user-b", "2026-01-02 00:00:00+00:00"),
+                ("m1", "conv-a", "tenant-a", "user-a", "2026-01-01 00:00:00+00:00"),
+                ("m3", "conv-b", "tenant-b", "user-b", "2026-01-03 00:00:00+00:00"),
+            ]:
+                connection.execute(insert, {"m": message, "c": conversation, "t": tenant,
+                                            "u": user, "at": at})
+
+        upgrade(engine)
+
+        with engine.connect() as connection:
+            owners = connection.execute(text(
+                "SELECT conversation_id, tenant_id, user_id FROM conversations "
+                "ORDER BY conversation_id")).all()
+        assert [tuple(row) for row in owners] == [("conv-a", "tenant-a", "user-a"),
+                                                  ("conv-b", "tenant-b", "user-b")]
     finally:
         engine.dispose()

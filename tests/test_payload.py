@@ -439,3 +439,65 @@ def test_invalid_payload_is_permanent_and_not_retryable() -> None:
 ])
 def test_valid_message_id_returns_only_a_usable_id(raw: Any, expected: str | None) -> None:
     assert valid_message_id(raw) == expected
+
+
+# Text that is not text, and values built to hurt -------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "where"), [
+    ({"query": "hi \ud800"}, "query"),
+    ({"query": "a\x00b"}, "query"),
+    ({"query": "clear \x1b[2J"}, "query"),
+    ({"query": "bell \x07"}, "query"),
+    ({"agent": {"system_prompt": "\udfff"}}, "agent.system_prompt"),
+    ({"agent": {"parameters": {"stop": ["\x00"]}}}, "agent.parameters.stop.0"),
+    ({"inputs": {"name": "\ud83d"}}, "inputs"),
+    ({"inputs": {"\x00key": 1}}, "inputs"),
+    ({"inputs": {"list": [1, {"deep": "\x7f"}]}}, "inputs"),
+])
+def test_rejects_text_that_is_not_valid_unicode_or_holds_control_characters(
+        overrides: dict[str, Any], where: str) -> None:
+    error = refusal(minimal_turn(**overrides))
+
+    assert f"{where}: " in str(error)
+    assert "surrogate" in str(error) or "control character" in str(error)
+
+
+def test_accepts_tabs_line_breaks_and_any_valid_unicode_in_text() -> None:
+    text = "line 1\nline 2\r\n\tindented — ✓ 🙂 \u2028 中文"
+
+    turn = parse_turn(minimal_turn(query=text, inputs={"k": [text, {"k2": text}]}), Settings())
+
+    assert turn.query == text
+
+
+def test_rejects_a_boolean_schema_version() -> None:
+    assert "schema_version" in str(refusal(minimal_turn(schema_version=True)))
+
+
+def test_rejects_inputs_nested_deeper_than_the_limit() -> None:
+    deep: Any = "leaf"
+    for _ in range(5):
+        deep = {"d": deep}
+
+    assert parse_turn(minimal_turn(inputs=deep), Settings(max_inputs_depth=5))
+    error = refusal(minimal_turn(inputs={"wrap": deep}), Settings(max_inputs_depth=5))
+    assert "nested deeper than 5 levels" in str(error)
+
+
+def test_inputs_nested_past_the_recursion_limit_are_refused_without_recursing() -> None:
+    deep: Any = []
+    for _ in range(50_000):
+        deep = [deep]
+
+    assert "nested deeper" in str(refusal(minimal_turn(inputs={"d": deep})))
+
+
+def test_the_refusal_of_huge_hostile_keys_is_bounded_and_escaped() -> None:
+    hostile = {f"k{n}\n2026-12-02 CRITICAL forged" + "x" * 10_000: n for n in range(20)}
+
+    message = str(refusal(minimal_turn(**hostile)))
+
+    assert len(message) <= 1_100
+    assert "\n" not in message and "\\x0a2026-12-02 CRITICAL" in message
+    assert "chars)" in message, "a cut value says how much was left out"

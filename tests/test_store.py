@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from worker.errors import AgentBackendError, SnapshotConflict, TurnStoreUnavailable
+from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
 from worker.store import MessageStatus, NewMessage, SessionStore, make_engine
 
 LAYERS = ("execution_context", "prompt", "history", "llm")
@@ -445,3 +445,101 @@ def test_a_large_answer_and_snapshot_round_trip(store: SessionStore) -> None:
     assert row is not None and row.answer == answer and len(row.answer) == 200_000
     assert store.load_snapshot(message.conversation_id, LAYERS).snapshot == snapshot
 
+
+
+# Ownership ---------------------------------------------------------------------------------
+
+
+def _rows(store: SessionStore, message: NewMessage) -> tuple[Any, Any]:
+    return store.get_conversation(message.conversation_id), store.get_message(message.message_id)
+
+
+def test_a_first_claim_makes_the_conversation_and_the_message_its_owners(
+        store: SessionStore) -> None:
+    message = new_message()
+
+    store.claim(message)
+
+    conversation, row = _rows(store, message)
+    assert (conversation.tenant_id, conversation.app_id, conversation.user_id) == (
+        "tenant-1", "app-1", "user-1")
+    assert row.status == MessageStatus.QUEUED and row.attempts == 0
+    store.claim(message)  # the owner's redelivery or retry claims again
+    assert store.begin_attempt(message).attempts == 1
+
+
+@pytest.mark.parametrize("other", [{"tenant_id": "tenant-2"}, {"app_id": "app-2"},
+                                   {"user_id": "user-2"}])
+def test_another_owner_naming_the_conversation_is_refused_and_writes_nothing(
+        store: SessionStore, other: dict[str, str]) -> None:
+    first = new_message()
+    store.claim(first)
+    intruder = new_message(first.conversation_id, **other)
+
+    with pytest.raises(NotTheOwner) as refused:
+        store.claim(intruder)
+
+    assert refused.value.code == "conversation_not_found" and refused.value.status == 404
+    assert store.get_message(intruder.message_id) is None
+    assert [row.message_id for row in store.list_messages(first.conversation_id)] == [
+        first.message_id]
+
+
+def test_another_owner_naming_the_message_id_is_refused_and_writes_nothing(
+        store: SessionStore) -> None:
+    first = new_message()
+    store.claim(first)
+    intruder = new_message(message_id=first.message_id, tenant_id="tenant-2")
+
+    with pytest.raises(NotTheOwner):
+        store.claim(intruder)
+
+    assert store.get_conversation(intruder.conversation_id) is None
+    assert store.get_message(first.message_id).tenant_id == "tenant-1"
+
+
+def test_a_message_id_reused_in_another_conversation_of_the_same_owner_is_refused(
+        store: SessionStore) -> None:
+    first = new_message()
+    store.claim(first)
+
+    with pytest.raises(NotTheOwner):
+        store.claim(new_message(message_id=first.message_id))
+
+
+def test_a_snapshot_left_without_an_owner_row_is_not_given_to_another_tenant(
+        store: SessionStore) -> None:
+    first = new_message()
+    store.claim(first)
+    store.begin_attempt(first)
+    save(store, first, expected_version=0, snapshot=snapshot_for(1))
+    with store.engine.begin() as connection:  # as a store from before ownership leaves it
+        connection.exec_driver_sql("DELETE FROM conversations")
+
+    with pytest.raises(NotTheOwner):
+        store.claim(new_message(first.conversation_id, tenant_id="tenant-2"))
+    store.claim(new_message(first.conversation_id))
+
+
+def test_of_two_owners_racing_to_claim_one_new_message_id_exactly_one_wins(
+        store: SessionStore) -> None:
+    message_id = f"msg-{uuid.uuid4().hex[:12]}"
+    claims = [new_message(message_id=message_id, tenant_id=f"tenant-{n}") for n in range(4)]
+    start = threading.Barrier(len(claims))
+
+    def claim(message: NewMessage) -> str:
+        start.wait(timeout=10)
+        try:
+            store.claim(message)
+        except NotTheOwner:
+            return "refused"
+        return "claimed"
+
+    with ThreadPoolExecutor(len(claims)) as pool:
+        outcomes = list(pool.map(claim, claims))
+
+    assert sorted(outcomes) == ["claimed", "refused", "refused", "refused"]
+    winner = claims[outcomes.index("claimed")]
+    assert store.get_message(message_id).tenant_id == winner.tenant_id
+    assert [store.get_conversation(c.conversation_id) is not None for c in claims] == [
+        c is winner for c in claims]

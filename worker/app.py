@@ -3,17 +3,102 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.utils.collections import AttributeDict
+from celery.worker.consumer import Consumer
 
-from config.celery import celery_config, is_redis_url
+from config.celery import TURN_TASK_NAME, celery_config, is_redis_url
 from config.settings import get_settings
+from worker.errors import InvalidTurnPayload
+from worker.logs import excerpt, install_safe_log_records, log_stage
+
+install_safe_log_records()
 
 log = logging.getLogger(__name__)
 
+# A header id worth recording a FAILURE under: what Celery and the producer helper make (UUIDs),
+# and nothing that could name another key of the result backend.
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class TurnConsumer(Consumer):
+    """Celery's consumer, except that a message it cannot take is recorded, not just dropped.
+
+    Celery logs a message whose body does not decode (not JSON, nested past the decoder's
+    depth) or that is not a valid task message (``kwargs`` that are not a mapping) together
+    with its whole body, at any size and with its line breaks, and acknowledges it: the task
+    then stays ``PENDING`` forever and its producer never learns why. Here the message is
+    still acknowledged (redelivering it cannot help), but with one bounded log line and the
+    task marked ``FAILURE`` (``InvalidTurnPayload``) in the result backend, so that
+    ``AsyncResult`` and Flower show what happened. No event reaches a turn's channel: a body
+    that cannot be read has no message id anyone can trust.
+    """
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler, after a look at a turn's body: it must be ``[args, kwargs, …]``.
+
+        Celery's tracer finds keyword arguments that are not a mapping only when it is about
+        to call the task, and then merely warns. The body is decoded here once; kombu keeps
+        the decoded payload on the message, and Celery's request reads that.
+        """
+        handle = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> Any:
+            headers = message.headers
+            if isinstance(headers, dict) and headers.get("task") == TURN_TASK_NAME:
+                try:
+                    body = message.payload
+                except Exception as exc:
+                    return self.on_decode_error(message, exc)
+                if not (isinstance(body, list | tuple) and len(body) == 3
+                        and isinstance(body[0], list | tuple) and isinstance(body[1], dict)
+                        and isinstance(body[2], dict)):
+                    self._refuse_unreadable(
+                        message, "invalid task message: the body must be [args, kwargs, "
+                                 "options] with a list, a mapping and a mapping")
+                    message.ack()
+                    return None
+            return handle(message)
+
+        return on_task_received
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._refuse_unreadable(message, f"the task message does not decode: {exc}")
+        message.ack()
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        self._refuse_unreadable(message, f"invalid task message: {exc}")
+        message.reject_log_error(log, self.connection_errors)
+
+    def _refuse_unreadable(self, message: Any, reason: str) -> None:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id, name = headers.get("id"), headers.get("task")
+        usable_id = isinstance(task_id, str) and _TASK_ID.match(task_id) is not None
+        log_stage("rejected", level=logging.WARNING, code=InvalidTurnPayload.code,
+                  task_id=excerpt(task_id), task=excerpt(name), reason=excerpt(reason, 200))
+        if not usable_id:
+            return
+        failure = InvalidTurnPayload(excerpt(reason, 200))
+        request = AttributeDict(name=name, chord=None, root_id=headers.get("root_id"),
+                                correlation_id=message.properties.get("correlation_id"),
+                                reply_to=message.properties.get("reply_to"), errbacks=None,
+                                ignore_result=False, group=None)
+        try:
+            self.app.backend.mark_as_failure(task_id, failure, request=request)
+        except Exception:
+            log.warning("could not record the failure of unreadable task %s", task_id,
+                        exc_info=True)
+        if self.event_dispatcher:
+            self.event_dispatcher.send("task-failed", uuid=task_id,
+                                       exception=repr(failure))
+
+
 app = Celery("agent_turn_worker", include=["worker.tasks"])
 app.config_from_object(celery_config(get_settings()))
+app.conf.worker_consumer = "worker.app:TurnConsumer"
 
 
 class UnbufferedTaskEvents(bootsteps.StartStopStep):

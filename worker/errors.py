@@ -18,6 +18,9 @@ and is treated as permanent, so a client is never left waiting.
     │   └── EventBusUnavailable       Redis pub/sub could not be reached
     └── PermanentAgentError           never retried: retrying cannot change the outcome
         ├── InvalidTurnPayload        the task payload failed validation
+        ├── NotTheOwner               the conversation or message id belongs to another owner;
+        │                             refused before anything is read or written, with a code
+        │                             that does not tell whether the other one exists
         ├── RunRejected               4xx on create (422 validation, 401/403 auth, 404 …)
         ├── ProtocolViolation         undecodable frame, invalid event, oversize value
         ├── RunFailed                 run_failed with a permanent or unknown reason
@@ -134,6 +137,17 @@ class PermanentAgentError(AgentBackendError):
 class InvalidTurnPayload(PermanentAgentError):
     code = "invalid_param"
     status = 400
+
+
+class NotTheOwner(PermanentAgentError):
+    """A turn naming a conversation or message of another (tenant, app, user).
+
+    Its code and status are those of a conversation that does not exist, so that a refused
+    sender cannot tell another owner's conversation from an unknown id.
+    """
+
+    code = "conversation_not_found"
+    status = 404
 
 
 class RunRejected(PermanentAgentError):

@@ -8,14 +8,24 @@ point the worker at another model account.
 
 Validation is strict (unknown fields, wrong types, empty or oversize values are errors) because a
 payload the worker half-understands would cost a model call and could not be fixed by a retry.
+
+Text is checked as text: every string, ``inputs`` keys and values at any depth included, must be
+valid Unicode (no lone surrogates, which no encoder can write: the turn's events, its log lines
+and the database would all fail on them), without NUL (PostgreSQL refuses it in text and JSON)
+or other control characters than tab, line feed and carriage return. ``inputs`` nests at most
+``max_inputs_depth`` levels. An error message names where a problem is, never more than a short
+escaped excerpt of the value or key that caused it (``worker.logs.excerpt``), so a hostile
+payload cannot make its refusal large or forge lines where it is shown.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,8 +38,34 @@ from pydantic_core import PydanticCustomError
 
 from config.settings import Settings
 from worker.errors import InvalidTurnPayload
+from worker.logs import excerpt
+from worker.ownership import owner_fingerprint
 
 PAYLOAD_SCHEMA_VERSION = 1
+# How much of a refusal's reasons an error event, a log line or a task result carries.
+MAX_ERROR_CHARS = 1000
+
+# Lone surrogates, NUL and the C0 controls other than tab, line feed and carriage return, DEL.
+_FORBIDDEN_IN_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+def _text_problem(value: str) -> str | None:
+    found = _FORBIDDEN_IN_TEXT.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    what = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+    return f"contains {what} (U+{code:04X}) at position {found.start()}"
+
+
+def _checked_text(value: str) -> str:
+    problem = _text_problem(value)
+    if problem is not None:
+        raise PydanticCustomError("text", problem)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_checked_text)]
 
 # Ids become Redis channel names, database keys and log fields: a conservative alphabet keeps
 # them safe everywhere (UUIDs, ULIDs and slug-like ids all fit).
@@ -66,7 +102,7 @@ class ModelParameters(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(
+    stop: list[Annotated[Text, StringConstraints(min_length=1, max_length=64)]] | None = Field(
         None, max_length=4
     )
 
@@ -84,7 +120,7 @@ class ModelParameters(_Strict):
 
 
 class AgentOptions(_Strict):
-    system_prompt: str | None = None
+    system_prompt: Text | None = None
     model: ModelName | None = None
     parameters: ModelParameters = ModelParameters()
 
@@ -116,9 +152,22 @@ class TurnPayload(_Strict):
     message_id: Identifier
     user_from: Literal["account", "end-user"] = "end-user"
     invoke_from: Literal["service-api", "web-app", "explore", "debugger"] = "service-api"
-    query: str
+    query: Text
     inputs: dict[str, Any] = Field(default_factory=dict)
     agent: AgentOptions = AgentOptions()
+
+    @property
+    def owner(self) -> str:
+        """The fingerprint of the turn's owner (worker/ownership.py)."""
+        return owner_fingerprint(self.tenant_id, self.app_id, self.user_id)
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        # ``True == 1`` in Python, and a Literal compares by equality: strict means no bool.
+        if isinstance(value, bool):
+            raise PydanticCustomError("int_type", "Input should be a valid integer, not a bool")
+        return value
 
     @field_validator("query")
     @classmethod
@@ -133,19 +182,50 @@ class TurnPayload(_Strict):
     @field_validator("inputs")
     @classmethod
     def _inputs_within_limit(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        ceiling = _limits(info).max_inputs_bytes
+        limits = _limits(info)
+        _check_json_tree(value, limits.max_inputs_depth)
+        ceiling = limits.max_inputs_bytes
         size = len(json.dumps(value, ensure_ascii=False).encode())
         if size > ceiling:
             raise _over_limit(f"{size} bytes, more than {ceiling}")
         return value
 
 
-def _describe(exc: ValidationError) -> list[str]:
+def _check_json_tree(value: Any, max_depth: int) -> None:
+    """Every string in a JSON value (keys too) is text; containers nest at most ``max_depth``.
+
+    Walked with an explicit stack: a recursive walk of a hostile value is a ``RecursionError``
+    waiting to happen.
+    """
+    pending: list[tuple[Any, int, str]] = [(value, 1, "")]
+    while pending:
+        node, depth, where = pending.pop()
+        if isinstance(node, dict | list) and depth > max_depth:
+            raise _over_limit(f"nested deeper than {max_depth} levels at {where or 'the top'}")
+        if isinstance(node, dict):
+            for key, item in node.items():
+                path = f"{where}.{excerpt(key, 40)}" if where else excerpt(key, 40)
+                problem = _text_problem(key) if isinstance(key, str) else None
+                if problem is not None:
+                    raise PydanticCustomError("text", f"key {path}: {problem}")
+                pending.append((item, depth + 1, path))
+        elif isinstance(node, list):
+            pending.extend((item, depth + 1, f"{where}[{index}]")
+                           for index, item in enumerate(node))
+        elif isinstance(node, str):
+            problem = _text_problem(node)
+            if problem is not None:
+                raise PydanticCustomError("text", f"value at {where}: {problem}")
+
+
+def _describe(exc: ValidationError) -> str:
+    """Every problem, named by where it is; keys from the payload shown as bounded excerpts."""
     described = []
     for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "turn"
-        described.append(f"{where}: {error['msg']}")
-    return described
+        where = ".".join(excerpt(part, 40) if isinstance(part, str) else str(part)
+                         for part in error["loc"]) or "turn"
+        described.append(f"{where}: {excerpt(error['msg'], 200)}")
+    return excerpt("; ".join(described), MAX_ERROR_CHARS)
 
 
 def parse_turn(raw: Any, settings: Settings) -> TurnPayload:
@@ -160,7 +240,7 @@ def parse_turn(raw: Any, settings: Settings) -> TurnPayload:
         return TurnPayload.model_validate(raw, context={"settings": settings})
     except ValidationError as exc:
         raise InvalidTurnPayload(
-            "invalid turn payload: " + "; ".join(_describe(exc)),
+            "invalid turn payload: " + _describe(exc),
             message_id=valid_message_id(raw),
         ) from None
 
@@ -176,5 +256,17 @@ def valid_message_id(raw: Any) -> str | None:
         return None
 
 
+def valid_identifier(candidate: Any) -> str | None:
+    """``candidate`` if it is a usable id (worker/payload.py's alphabet), else None."""
+    try:
+        return _IdOnly.model_validate({"id": candidate}).id
+    except ValidationError:
+        return None
+
+
 class _MessageIdOnly(_Strict):
     message_id: Identifier
+
+
+class _IdOnly(_Strict):
+    id: Identifier

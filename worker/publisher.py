@@ -38,6 +38,7 @@ from redis.exceptions import NoScriptError
 
 from config.settings import Settings, get_settings
 from worker.errors import EventBusUnavailable
+from worker.ownership import owner_key
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,13 @@ class TurnIds:
     task_id: str
     message_id: str
     conversation_id: str
+    # The id the turn's channel, log and counter are named by: the message id, except for a turn
+    # refused for ownership, whose one error goes to a stream of its own (worker/ownership.py).
+    stream: str = ""
+
+    @property
+    def stream_id(self) -> str:
+        return self.stream or self.message_id
 
 
 class FlushScheduler:
@@ -412,6 +420,27 @@ class EventBus:
     def turn(self, ids: TurnIds) -> TurnPublisher:
         return TurnPublisher(self, ids)
 
+    def record_owner(self, message_id: str, fingerprint: str) -> None:
+        """Say whose turn the message is, before anything is published on its channel.
+
+        The gateway reads it to serve a stream only to its owner (worker/ownership.py); it
+        lives as long as the turn's seq counter, so as long as anything of the turn does.
+        """
+        try:
+            self.redis.set(owner_key(message_id), fingerprint, ex=self._state_ttl)
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"recording the turn's owner failed: {exc}",
+                                      message_id=message_id) from exc
+
+    def owner_of(self, message_id: str) -> str | None:
+        """The recorded owner's fingerprint of a message, or None if none is recorded."""
+        try:
+            found = self.redis.get(owner_key(message_id))
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"reading the turn's owner failed: {exc}",
+                                      message_id=message_id) from exc
+        return found.decode() if found is not None else None
+
     def seq_key(self, message_id: str) -> str:
         return seq_key(message_id)
 
@@ -461,9 +490,9 @@ class EventBus:
         log_ttl = policy.ttl_after_end_seconds if event in TERMINAL_EVENTS else policy.ttl_seconds
         # The counter must outlive the log: entry ids are seqs and must keep growing.
         log_ttl = min(log_ttl, self._state_ttl)
-        keys = [seq_key(ids.message_id), replay_log_key(ids.message_id),
-                last_publish_key(ids.message_id)]
-        args = [self._channel_for(ids.message_id), body[:-1], self._state_ttl, log_ttl,
+        stream = ids.stream_id
+        keys = [seq_key(stream), replay_log_key(stream), last_publish_key(stream)]
+        args = [self._channel_for(stream), body[:-1], self._state_ttl, log_ttl,
                 policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}"]
         # A refused connection is retried here (redis-py retries failures after connecting,
         # not a refused connect): a Redis restart or failover of a few seconds costs the turn

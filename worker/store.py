@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from worker.errors import AgentBackendError, SnapshotConflict, TurnStoreUnavailable
+from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 
@@ -65,6 +65,18 @@ FINISHED_STATUSES = frozenset({MessageStatus.SUCCEEDED, MessageStatus.FAILED,
 
 class Base(DeclarativeBase):
     pass
+
+
+class Conversation(Base):
+    """Who a conversation belongs to: the tenant, app and user of its first turn."""
+
+    __tablename__ = "conversations"
+
+    conversation_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    app_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class ConversationSnapshot(Base):
@@ -212,6 +224,51 @@ class SessionStore:
         except SQLAlchemyError as exc:
             raise TurnStoreUnavailable(f"session store error: {exc}"[:300],
                                        message_id=message_id) from exc
+
+    def claim(self, new: NewMessage) -> None:
+        """Make sure the turn's owner owns its conversation and its message, or refuse it.
+
+        The first turn of a conversation makes the conversation its owner's, and the first task
+        of a message id makes the message its (a ``queued`` row). A turn whose conversation or
+        message is another owner's, or whose message id is already used in another
+        conversation, raises ``NotTheOwner`` and writes nothing: every check is made on what
+        was read before anything is inserted. Two first claims racing are ordered by the
+        primary keys; the loser's insert fails, and its second pass is judged by the winner's
+        rows.
+        """
+        for last_pass in (False, True):
+            try:
+                self._claim_once(new)
+                return
+            except SnapshotConflict:  # a concurrent first claim inserted the same key
+                if last_pass:
+                    raise
+
+    def _claim_once(self, new: NewMessage) -> None:
+        owner = (new.tenant_id, new.app_id, new.user_id)
+        with self._transaction(new.message_id) as session:
+            conversation = session.get(Conversation, new.conversation_id, with_for_update=True)
+            message = session.get(AssistantMessage, new.message_id, with_for_update=True)
+            if conversation is not None and (conversation.tenant_id, conversation.app_id,
+                                             conversation.user_id) != owner:
+                raise _not_found(new)
+            if message is not None and (message.conversation_id, message.tenant_id,
+                                        message.app_id, message.user_id) \
+                    != (new.conversation_id, *owner):
+                raise _not_found(new)
+            if conversation is None:
+                snapshot = session.get(ConversationSnapshot, new.conversation_id)
+                if snapshot is not None and (snapshot.tenant_id, snapshot.app_id) != owner[:2]:
+                    raise _not_found(new)
+                session.add(Conversation(
+                    conversation_id=new.conversation_id, tenant_id=new.tenant_id,
+                    app_id=new.app_id, user_id=new.user_id, created_at=_now()))
+            if message is None:
+                session.add(_new_row(new, MessageStatus.QUEUED))
+
+    def get_conversation(self, conversation_id: str) -> Conversation | None:
+        with self._translate_errors(), Session(self.engine, expire_on_commit=False) as session:
+            return session.get(Conversation, conversation_id)
 
     def begin_attempt(self, new: NewMessage) -> MessageState:
         """Count one more attempt at a turn, creating its message row on the first.
@@ -364,6 +421,11 @@ class SessionStore:
                 .where(AssistantMessage.conversation_id == conversation_id)
                 .order_by(AssistantMessage.created_at)
             ))
+
+
+def _not_found(new: NewMessage) -> NotTheOwner:
+    return NotTheOwner(f"conversation {new.conversation_id} not found",
+                       message_id=new.message_id)
 
 
 def _new_row(new: NewMessage, status: MessageStatus) -> AssistantMessage:

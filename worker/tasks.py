@@ -12,6 +12,7 @@ import gc
 import logging
 import random
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,9 +27,10 @@ from config.settings import Settings, get_settings
 from worker import metrics
 from worker.app import app
 from worker.composition import CompositionTemplateError, load_template
-from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload
-from worker.logs import log_stage
-from worker.payload import TurnPayload, parse_turn, valid_message_id
+from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload, NotTheOwner
+from worker.logs import excerpt, log_stage
+from worker.ownership import owner_fingerprint, refusal_stream
+from worker.payload import TurnPayload, parse_turn, valid_identifier, valid_message_id
 from worker.progress import ProgressReporter, TurnProgress
 from worker.publisher import EventBus, TurnIds
 from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
@@ -128,7 +130,8 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         if args or unexpected:
             names = sorted(unexpected) + (["positional arguments"] if args else [])
             raise InvalidTurnPayload(
-                f"the task takes one keyword argument, turn; also got {', '.join(names)}",
+                "the task takes one keyword argument, turn; also got "
+                + excerpt(", ".join(names), 200),
                 message_id=valid_message_id(turn),
             )
         payload = parse_turn(turn, settings)
@@ -138,7 +141,8 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         log_stage("error", level=logging.WARNING, code=exc.code, task_id=task_id,
                   message_id=exc.message_id)
         if exc.message_id:
-            _publish_error(services, _raw_ids(task_id, exc.message_id, turn), exc)
+            _publish_error(services, _error_ids(services.bus, task_id, exc.message_id, turn),
+                           exc)
         raise
 
     progress = TurnProgress(_ids(payload, task_id),
@@ -149,6 +153,10 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
     try:
         return run_turn(payload, task_id=task_id, services=services,
                         progress=progress).summary()
+    except NotTheOwner as refused:
+        _refuse_not_owned(services, payload, task_id, refused)
+        progress.failed(refused.code, retrying=False)
+        raise
     except ConversationBusy as busy:
         if _waited_too_long(busy, settings):
             failure: AgentBackendError = busy
@@ -268,16 +276,54 @@ def _end_revoked_turn(sender: Any = None, request: Any = None, **_: Any) -> None
     except InvalidTurnPayload:
         return
     try:
-        end_stopped_before_running(payload, task_id=request.id,
-                                   services=get_services(get_settings()))
+        services = get_services(get_settings())
+        try:
+            end_stopped_before_running(payload, task_id=request.id, services=services)
+        except NotTheOwner as refused:
+            _refuse_not_owned(services, payload, request.id, refused)
     except AgentBackendError as exc:
         log.error("could not end revoked turn %s: %s", payload.message_id, exc)
 
 
 def _raw_ids(task_id: str, message_id: str, turn: Any) -> TurnIds:
-    """The ids of a turn whose payload was not (or could not be) validated."""
+    """The ids of a turn whose payload was not (or could not be) validated: an invalid
+    conversation id (a lone surrogate, a 60 KB string) is left out of its error event."""
     conversation_id = turn.get("conversation_id") if isinstance(turn, dict) else None
-    return TurnIds(task_id, message_id, conversation_id if isinstance(conversation_id, str) else "")
+    return TurnIds(task_id, message_id, valid_identifier(conversation_id) or "")
+
+
+def _raw_owner(turn: Any) -> str:
+    """The fingerprint of whoever a raw payload says sent it, valid ids or not."""
+    fields = turn if isinstance(turn, dict) else {}
+    return owner_fingerprint(*(repr(fields.get(name)) if not isinstance(fields.get(name), str)
+                               else fields[name] for name in ("tenant_id", "app_id", "user_id")))
+
+
+def _error_ids(bus: EventBus, task_id: str, message_id: str, turn: Any) -> TurnIds:
+    """Where the error of a turn that was not validated goes: the message's own channel,
+    unless a turn of that message id was already claimed (by another owner, whose clients
+    must not see it, or by the same one, whose turn has its own end): then the sender's
+    refusal stream."""
+    ids = _raw_ids(task_id, message_id, turn)
+    try:
+        recorded = bus.owner_of(message_id)
+    except AgentBackendError:
+        recorded = None  # publishing will fail the same way and say so
+    if recorded is not None:
+        return replace(ids, stream=refusal_stream(message_id, _raw_owner(turn)))
+    return ids
+
+
+def _refuse_not_owned(services: TurnServices, payload: TurnPayload, task_id: str,
+                      refused: NotTheOwner) -> None:
+    """One ``error`` for a turn naming another owner's conversation or message, on a stream
+    named by its sender: the rightful owner's clients never read it, the sender's can."""
+    log.warning("turn %s (task %s) refused: its conversation or message belongs to another "
+                "owner", payload.message_id, task_id)
+    metrics.TURNS.labels("refused").inc()
+    ids = replace(_ids(payload, task_id),
+                  stream=refusal_stream(payload.message_id, payload.owner))
+    _publish_error(services, ids, refused)
 
 
 def _ids(payload: TurnPayload, task_id: str) -> TurnIds:
@@ -303,10 +349,10 @@ def _publish_error_without_services(settings: Settings, task_id: str, turn: Any,
     message_id = valid_message_id(turn)
     if message_id is None:
         return
-    ids = _raw_ids(task_id, message_id, turn)
     client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5, socket_connect_timeout=5)
     try:
-        EventBus.from_settings(client, settings).turn(ids).error(
+        bus = EventBus.from_settings(client, settings)
+        bus.turn(_error_ids(bus, task_id, message_id, turn)).error(
             status=failure.status, code=failure.code, message=str(failure))
     except AgentBackendError as exc:
         log.error("could not publish the error event of turn %s: %s", message_id, exc)

@@ -141,12 +141,18 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
     """One attempt at a turn, holding its conversation's lease while it runs.
 
     Raises ``ConversationBusy`` (after recording the turn as queued) while another turn of the
-    conversation runs; the task then waits and tries again without spending a retry.
+    conversation runs; the task then waits and tries again without spending a retry. Raises
+    ``NotTheOwner``, having read and written nothing of theirs, when the conversation or the
+    message id belongs to another (tenant, app, user).
     """
     new = _new_message(turn, task_id)
     ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
     publisher = services.bus.turn(ids)
     progress = progress or TurnProgress(ids)
+    # Before anything else is read or written: a turn naming another owner's conversation or
+    # message raises NotTheOwner here, and the task refuses it on a stream of its own.
+    services.store.claim(new)
+    services.bus.record_owner(turn.message_id, turn.owner)
     control = services.supervisor.register(
         task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
     try:
@@ -175,13 +181,18 @@ def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
                                services: TurnServices) -> TurnOutcome | None:
     """End a turn that was stopped before any attempt ran (a revoked task).
 
+    Raises ``NotTheOwner`` (nothing written) for a turn naming another owner's conversation or
+    message, as ``run_turn`` does.
+
     A turn that has ended already is left alone (None): its end went out, and a second one
     would contradict it (a finished turn's task redelivered, then revoked).
     """
+    services.store.claim(_new_message(turn, task_id))
     message = services.store.get_message(turn.message_id)
     if message is not None and message.status in FINISHED_STATUSES:
         log.info("revoked turn %s had already ended (%s)", turn.message_id, message.status)
         return None
+    services.bus.record_owner(turn.message_id, turn.owner)
     ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
     return _end_stopped(_new_message(turn, task_id), services.bus.turn(ids), services,
                         TurnProgress(ids), partial_answer="", run_id=None)
