@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     max_inputs_bytes: int = Field(64 * 1024, gt=0)
     # How deep ``inputs`` may nest (objects and arrays); deeper is an invalid payload.
     max_inputs_depth: int = Field(32, gt=0, le=256)
+
+    # The agent's process as ``agent_thought`` steps (worker/steps.py): what a turn shows when
+    # its payload does not say (``agent.include_thinking``, ``agent.include_tool_calls``), and
+    # the bounds of what any turn shows (longer fields are cut with a marker).
+    expose_thinking: bool = True
+    expose_tool_calls: bool = True
+    max_steps_per_message: int = Field(50, ge=0)
+    max_step_field_chars: int = Field(4000, gt=0)
     max_output_tokens: int = Field(16_384, gt=0)
 
     # Publishing: the first delta of a turn goes out at once, later ones are coalesced until the

@@ -28,8 +28,10 @@ def test_subscriber_receives_every_delta_in_order_then_message_end(
     events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
 
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
-    *deltas, end = events
+    thought, *deltas, end = events
     assert end["event"] == "message_end"
+    assert (thought["event"], thought["thought"], thought["position"]) == (
+        "agent_thought", "Thinking about it.", 1), "the stub thinks before it answers"
     assert deltas and all(event["event"] == "agent_message" for event in deltas)
     joined = "".join(event["answer"] for event in deltas)
     assert joined == end["answer"]
@@ -51,13 +53,43 @@ def test_subscriber_receives_every_delta_in_order_then_message_end(
     assert message.attempts == 1
 
 
-def test_thinking_text_never_reaches_the_channel(
+def test_thinking_is_a_step_and_never_reaches_the_answer(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
     turn = make_turn()
     events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
     assert "Thinking" not in answer_of(events)
     assert answer_of(events) == "[turn 1] You said: hi."
+    assert "Thinking" not in events[-1]["answer"]
+    [step] = [event for event in events if event["event"] == "agent_thought"]
+    assert (step["thought"], step["message_id"]) == ("Thinking about it.", turn["message_id"])
+    assert step["id"] != turn["message_id"], "a step has its own id"
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert "Thinking" not in message.answer
+    [row] = celery_worker.store.list_steps(turn["message_id"])
+    assert (row.step_id, row.position, row.thought) == (step["id"], 1, "Thinking about it.")
+
+
+def test_a_turn_that_hides_thinking_has_no_thought_text_on_the_bus_or_in_the_store(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(agent={"include_thinking": False})
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert events[-1]["event"] == "message_end"
+    assert "Thinking" not in repr(events)
+    assert celery_worker.store.list_steps(turn["message_id"]) == []
+
+
+def test_every_message_level_event_carries_the_message_id_as_id_as_dify_does(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    events = run_turn_and_wait(turn, listen, producer_app, celery_worker)
+
+    assert {event["id"] for event in events if event["event"] != "agent_thought"} == {
+        turn["message_id"]}
 
 
 def test_second_turn_sends_the_first_turns_snapshot(

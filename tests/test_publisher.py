@@ -132,6 +132,7 @@ def test_the_first_delta_is_published_at_once_as_agent_message(
 
     assert event == {
         "event": "agent_message",
+        "id": ids.message_id,
         "task_id": ids.task_id,
         "message_id": ids.message_id,
         "conversation_id": ids.conversation_id,
@@ -390,6 +391,7 @@ def test_error_publishes_status_code_and_message_and_drops_buffered_text(
     assert events[0]["answer"] == "Partial"
     assert events[1] == {
         "event": "error",
+        "id": ids.message_id,
         "task_id": ids.task_id,
         "message_id": ids.message_id,
         "conversation_id": ids.conversation_id,
@@ -847,3 +849,83 @@ def test_a_two_thousand_token_answer_takes_a_few_hundred_kilobytes_of_log(
     key = replay_log_key(ids.message_id)
     assert redis_client.xlen(key) == 1002  # the first token alone, then pairs, then the end
     assert redis_client.memory_usage(key, samples=0) < 512 * 1024
+
+
+# Steps of the agent's process (agent_thought) --------------------------------------------
+
+
+def _step(step_id: str, thought: str) -> dict[str, Any]:
+    return {"id": step_id, "position": 1, "thought": thought, "tool": "", "tool_labels": {},
+            "tool_input": "", "observation": "", "message_files": []}
+
+
+def test_updates_of_one_step_are_coalesced_to_its_newest_state(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    publisher.step(_step("step-1", "I"))
+    for thought in ("I think", "I think so", "I think so."):
+        publisher.step(_step("step-1", thought))
+    publisher.flush()
+
+    first, newest = channel.take(2)
+    assert (first["event"], first["id"], first["thought"]) == ("agent_thought", "step-1", "I")
+    assert (newest["id"], newest["thought"], newest["message_id"]) == (
+        "step-1", "I think so.", ids.message_id)
+    assert channel.quiet_for(0.2) == []
+
+
+def test_steps_and_answer_text_go_out_in_the_order_they_came(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    publisher.step(_step("step-1", "look it up"))
+    publisher.delta("The answer")
+    publisher.step(_step("step-2", "check"))
+    publisher.delta(" is")
+    publisher.delta(" 42.")
+    publisher.end("The answer is 42.", {"usage": None})
+
+    events = channel.take(5)
+    assert [(event["event"], event.get("thought") or event.get("answer")) for event in events] \
+        == [("agent_thought", "look it up"), ("agent_message", "The answer"),
+            ("agent_thought", "check"), ("agent_message", " is 42."),
+            ("message_end", "The answer is 42.")]
+    assert [event["seq"] for event in events] == [1, 2, 3, 4, 5]
+
+
+def test_the_first_answer_text_goes_out_at_once_even_after_a_step(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+
+    publisher.step(_step("step-1", "thinking"))
+    publisher.delta("Hi")
+
+    assert [event["event"] for event in channel.take(2)] == ["agent_thought", "agent_message"]
+
+
+def test_discard_drops_what_is_queued_so_nothing_follows_an_error(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    bus = make_bus(window_ms=30)
+    publisher = bus.turn(ids)
+    publisher.delta("shown")
+    publisher.delta(" queued")
+    publisher.step(_step("step-1", "queued too"))
+
+    publisher.discard()
+    bus.turn(ids).error(status=502, code="backend_protocol_error", message="bad frame")
+
+    assert [event["event"] for event in channel.take(2)] == ["agent_message", "error"]
+    assert channel.quiet_for(0.3) == []

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
+from worker.steps import AgentStep
 from worker.store import MessageStatus, NewMessage, SessionStore, make_engine
 
 LAYERS = ("execution_context", "prompt", "history", "llm")
@@ -543,3 +544,61 @@ def test_of_two_owners_racing_to_claim_one_new_message_id_exactly_one_wins(
     assert store.get_message(message_id).tenant_id == winner.tenant_id
     assert [store.get_conversation(c.conversation_id) is not None for c in claims] == [
         c is winner for c in claims]
+
+
+# The agent's steps -----------------------------------------------------------------------
+
+
+def _steps(*observations: str) -> list[AgentStep]:
+    return [AgentStep(id=f"step-{n}", position=n, thought=f"thought {n}", tool="lookup",
+                      tool_input='{"q": 1}', observation=observation)
+            for n, observation in enumerate(observations, start=1)]
+
+
+def test_steps_are_saved_with_the_answer_and_listed_in_order(store: SessionStore) -> None:
+    message = new_message()
+    store.begin_attempt(message)
+
+    store.save_success(
+        message_id=message.message_id, conversation_id=message.conversation_id,
+        tenant_id=message.tenant_id, app_id=message.app_id, expected_version=0,
+        snapshot=snapshot_for(1), layer_names=LAYERS, answer="a", usage=None, run_id="run-1",
+        steps=_steps("one", "two ✓"))
+
+    listed = store.list_steps(message.message_id)
+    assert [(row.position, row.step_id, row.observation) for row in listed] == [
+        (1, "step-1", "one"), (2, "step-2", "two ✓")]
+
+
+def test_a_conflicting_success_saves_no_steps_either(store: SessionStore) -> None:
+    message = new_message()
+    store.begin_attempt(message)
+
+    with pytest.raises(SnapshotConflict):
+        store.save_success(
+            message_id=message.message_id, conversation_id=message.conversation_id,
+            tenant_id=message.tenant_id, app_id=message.app_id, expected_version=3,
+            snapshot=snapshot_for(1), layer_names=LAYERS, answer="a", usage=None,
+            run_id="run-1", steps=_steps("one"))
+
+    assert store.list_steps(message.message_id) == []
+
+
+def test_a_stopped_turn_keeps_the_steps_it_showed(store: SessionStore) -> None:
+    message = new_message()
+    store.begin_attempt(message)
+
+    store.mark_stopped(message, partial_answer="part", steps=_steps("seen"))
+
+    assert store.get_message(message.message_id).status == MessageStatus.STOPPED
+    assert [row.observation for row in store.list_steps(message.message_id)] == ["seen"]
+
+
+def test_a_later_attempts_steps_replace_the_earlier_ones(store: SessionStore) -> None:
+    message = new_message()
+    store.begin_attempt(message)
+    store.save_steps(message.message_id, _steps("first", "attempt"))
+
+    store.save_steps(message.message_id, _steps("retry"))
+
+    assert [row.observation for row in store.list_steps(message.message_id)] == ["retry"]

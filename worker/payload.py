@@ -123,6 +123,10 @@ class AgentOptions(_Strict):
     system_prompt: Text | None = None
     model: ModelName | None = None
     parameters: ModelParameters = ModelParameters()
+    # Whether the turn's clients see the agent's thinking and its tool calls as steps; None
+    # takes the worker's settings (AGENT_TURN_EXPOSE_THINKING, AGENT_TURN_EXPOSE_TOOL_CALLS).
+    include_thinking: bool | None = None
+    include_tool_calls: bool | None = None
 
     @field_validator("system_prompt")
     @classmethod

@@ -477,8 +477,11 @@ class EventBus:
         return ClientText(published=published, chars=chars, resumable=resumable)
 
     def publish(self, ids: TurnIds, event: str, fields: dict[str, Any]) -> int:
+        # ``id`` as Dify's server sends it: the message id on message-level events (Dify's
+        # web client reads the message id from it), the step's id on agent_thought.
         message = {
             "event": event,
+            "id": ids.message_id,
             "task_id": ids.task_id,
             "message_id": ids.message_id,
             "conversation_id": ids.conversation_id,
@@ -513,19 +516,28 @@ class EventBus:
 
 
 class TurnPublisher:
-    """The events of one turn. Thread-safe: the scheduler flushes from its own thread."""
+    """The events of one turn. Thread-safe: the scheduler flushes from its own thread.
+
+    Answer deltas and step updates wait in one ordered queue, so they go out in the order the
+    run produced them: consecutive deltas are joined into one ``agent_message``, and
+    consecutive updates of one step keep only the newest (a client replaces the step it holds
+    by ``id``). The first item of a turn goes out at once; later ones within the window.
+    """
 
     def __init__(self, bus: EventBus, ids: TurnIds) -> None:
         self._bus = bus
         self.ids = ids
         self._lock = threading.Lock()
-        self._buffer: list[str] = []
+        # Each item: a list of answer parts, or the fields of one agent_thought.
+        self._pending: list[list[str] | dict[str, Any]] = []
         self._buffered_chars = 0
         self._flush_pending = False
         self._first_sent = False
+        self._first_text_sent = False
         self._failure: EventBusUnavailable | None = None
         self.chunks_published = 0
         self.chars_published = 0
+        self.steps_published = 0
 
     def delta(self, text: str) -> None:
         """Queue answer text; published at once, or coalesced with its neighbours."""
@@ -533,15 +545,27 @@ class TurnPublisher:
             return
         with self._lock:
             self._raise_failure()
-            self._buffer.append(text)
+            last = self._pending[-1] if self._pending else None
+            if isinstance(last, list):
+                last.append(text)
+            else:
+                self._pending.append([text])
             self._buffered_chars += len(text)
-            window = self._bus._window
-            if not self._first_sent or window <= 0 or self._buffered_chars >= self._bus._max_chars:
-                self._first_sent = True
-                self._flush_locked()
-            elif not self._flush_pending:
-                self._flush_pending = True
-                self._bus.scheduler.call_at(time.monotonic() + window, self._flush_from_timer)
+            # The first answer text goes out at once even after steps: time to first token
+            # is what a user notices.
+            first_text, self._first_text_sent = not self._first_text_sent, True
+            self._schedule_locked(at_once=first_text)
+
+    def step(self, fields: dict[str, Any]) -> None:
+        """Queue a step's current state (``agent_thought``), coalesced like answer text."""
+        with self._lock:
+            self._raise_failure()
+            last = self._pending[-1] if self._pending else None
+            if isinstance(last, dict) and last.get("id") == fields.get("id"):
+                self._pending[-1] = fields
+            else:
+                self._pending.append(fields)
+            self._schedule_locked()
 
     def flush(self) -> None:
         with self._lock:
@@ -552,8 +576,9 @@ class TurnPublisher:
         """Tell the client its text so far is wrong: this is the whole answer now."""
         with self._lock:
             self._raise_failure()
-            self._buffer.clear()
+            self._pending = [item for item in self._pending if isinstance(item, dict)]
             self._buffered_chars = 0
+            self._flush_locked()
             self._bus.publish(self.ids, "message_replace", {"answer": answer})
 
     def end(self, answer: str, metadata: dict[str, Any], *, status: str = "succeeded") -> None:
@@ -565,12 +590,37 @@ class TurnPublisher:
             self._bus.publish(self.ids, "message_end",
                               {"answer": answer, "metadata": metadata, "status": str(status)})
 
+    def event(self, event: str, fields: dict[str, Any]) -> None:
+        """Any other event of the turn, after everything queued before it."""
+        with self._lock:
+            self._raise_failure()
+            self._flush_locked()
+            self._bus.publish(self.ids, event, fields)
+
     def error(self, *, status: int, code: str, message: str) -> None:
         with self._lock:
-            self._buffer.clear()
+            self._pending.clear()
             self._buffered_chars = 0
             self._bus.publish(self.ids, "error",
                               {"status": status, "code": code, "message": message})
+
+    def discard(self) -> None:
+        """Drop what is queued and not yet out: the attempt failed, and its ``error`` (or the
+        next attempt) must not be followed by text the timer would still flush."""
+        with self._lock:
+            self._pending.clear()
+            self._buffered_chars = 0
+            self._flush_pending = False
+
+    def _schedule_locked(self, *, at_once: bool = False) -> None:
+        window = self._bus._window
+        if at_once or not self._first_sent or window <= 0 \
+                or self._buffered_chars >= self._bus._max_chars:
+            self._first_sent = True
+            self._flush_locked()
+        elif not self._flush_pending:
+            self._flush_pending = True
+            self._bus.scheduler.call_at(time.monotonic() + window, self._flush_from_timer)
 
     def _flush_from_timer(self) -> None:
         with self._lock:
@@ -583,14 +633,19 @@ class TurnPublisher:
 
     def _flush_locked(self) -> None:
         self._flush_pending = False
-        if not self._buffer:
-            return
-        text = "".join(self._buffer)
-        self._buffer.clear()
+        while self._pending:
+            item = self._pending[0]
+            if isinstance(item, list):
+                text = "".join(item)
+                self._bus.publish(self.ids, "agent_message", {"answer": text})
+                self._buffered_chars -= len(text)
+                self.chunks_published += 1
+                self.chars_published += len(text)
+            else:
+                self._bus.publish(self.ids, "agent_thought", item)
+                self.steps_published += 1
+            self._pending.pop(0)
         self._buffered_chars = 0
-        self._bus.publish(self.ids, "agent_message", {"answer": text})
-        self.chunks_published += 1
-        self.chars_published += len(text)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

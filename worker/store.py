@@ -15,12 +15,12 @@ costs a retry, not an answer.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     create_engine,
+    delete,
     event,
     insert,
     select,
@@ -40,6 +41,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
+
+if TYPE_CHECKING:
+    from worker.steps import AgentStep
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
 
@@ -120,6 +124,26 @@ class AssistantMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AgentThought(Base):
+    """One step of the agent's process shown with an assistant message (worker/steps.py).
+
+    Saved with the message's ending: with the answer in one transaction on success, with the
+    partial answer when stopped, on their own when the turn failed; the message's status says
+    which, so a web tier renders a finished conversation's steps as the user saw them.
+    """
+
+    __tablename__ = "agent_thoughts"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(64))
+    thought: Mapped[str] = mapped_column(Text)
+    tool: Mapped[str] = mapped_column(String(256))
+    tool_input: Mapped[str] = mapped_column(Text)
+    observation: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +322,8 @@ class SessionStore:
                 session.add(row)
             return _state_of(row)
 
-    def mark_stopped(self, new: NewMessage, *, partial_answer: str) -> MessageState:
+    def mark_stopped(self, new: NewMessage, *, partial_answer: str,
+                     steps: Sequence[AgentStep] = ()) -> MessageState:
         """End a turn as stopped, keeping what was streamed; no snapshot is saved.
 
         A turn that had already finished keeps its ending; its state is returned either way.
@@ -311,6 +336,7 @@ class SessionStore:
                 session.add(row)
             elif row.status in FINISHED_STATUSES:
                 return _state_of(row)
+            _replace_steps(session, new.message_id, steps)
             row.status = MessageStatus.STOPPED
             row.answer = partial_answer
             row.updated_at = now
@@ -350,9 +376,11 @@ class SessionStore:
         answer: str,
         usage: dict[str, Any] | None,
         run_id: str,
+        steps: Sequence[AgentStep] = (),
     ) -> None:
-        """Save the new snapshot and the answer in one transaction, or neither."""
+        """Save the new snapshot, the answer and its steps in one transaction, or none."""
         with self._transaction(message_id) as session:
+            _replace_steps(session, message_id, steps)
             if snapshot is not None:
                 self._replace_snapshot(session, conversation_id, tenant_id, app_id,
                                        expected_version, snapshot, layer_names, message_id)
@@ -405,6 +433,19 @@ class SessionStore:
                         finished_at=now if final else None)
             )
 
+    def save_steps(self, message_id: str, steps: Sequence[AgentStep]) -> None:
+        """Keep the steps a failed attempt showed (the next attempt's replace them)."""
+        with self._transaction(message_id) as session:
+            _replace_steps(session, message_id, steps)
+
+    def list_steps(self, message_id: str) -> list[AgentThought]:
+        """The message's steps in order, as its clients last saw them."""
+        with self._translate_errors(message_id), \
+                Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(
+                select(AgentThought).where(AgentThought.message_id == message_id)
+                .order_by(AgentThought.position)))
+
     def get_message(self, message_id: str) -> AssistantMessage | None:
         with self._translate_errors(message_id), \
                 Session(self.engine, expire_on_commit=False) as session:
@@ -421,6 +462,15 @@ class SessionStore:
                 .where(AssistantMessage.conversation_id == conversation_id)
                 .order_by(AssistantMessage.created_at)
             ))
+
+
+def _replace_steps(session: Session, message_id: str, steps: Sequence[AgentStep]) -> None:
+    session.execute(delete(AgentThought).where(AgentThought.message_id == message_id))
+    now = _now()
+    session.add_all(AgentThought(
+        message_id=message_id, position=step.position, step_id=step.id, thought=step.thought,
+        tool=step.tool, tool_input=step.tool_input, observation=step.observation,
+        created_at=now) for step in steps)
 
 
 def _not_found(new: NewMessage) -> NotTheOwner:

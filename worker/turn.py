@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from worker.locks import ConversationLocks
 from worker.payload import TurnPayload
 from worker.progress import TurnProgress
 from worker.publisher import EventBus, TurnIds, TurnPublisher
+from worker.steps import AgentStep, StepExposure, StepTracker
 from worker.store import (
     FINISHED_STATUSES,
     MessageState,
@@ -214,11 +216,13 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         return _re_emit_end(turn, state, publisher)
     progress.attempt_started(state.attempts)
     streamed = StreamedAnswer()
+    steps = StepTracker(turn.message_id, _exposure(turn, services.settings))
     try:
         shown = services.bus.client_text(turn.message_id)
         creating = time.monotonic()
         run_id, base_version = _start_or_reattach(turn, state, services)
         reattached = run_id == state.run_id
+        steps.restart(run_id)
         progress.run_started(run_id, reattached=reattached,
                              seconds=time.monotonic() - creating)
         # What an earlier attempt streamed stays on the client's screen. The same run replays
@@ -233,7 +237,7 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         if control.stopped:
             services.supervisor.cancel_run_soon(control)
         terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
-                                 streamed, progress, skip_chars)
+                                 streamed, progress, steps, skip_chars)
         output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
         answer = answer_text(output)
         if len(answer) > services.settings.max_answer_chars:
@@ -244,7 +248,10 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         exc.attempts = state.attempts
         if control.stop_reason == STOPPED:
             return _end_stopped(new, publisher, services, progress,
-                                partial_answer=streamed.text(), run_id=control.run_id)
+                                partial_answer=streamed.text(), run_id=control.run_id,
+                                steps=steps.steps())
+        publisher.discard()
+        _keep_steps(services, turn.message_id, steps)
         if control.stop_reason == DEADLINE:
             raise TurnTimedOut(
                 f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
@@ -258,7 +265,7 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         message_id=turn.message_id, conversation_id=turn.conversation_id,
         tenant_id=turn.tenant_id, app_id=turn.app_id, expected_version=base_version,
         snapshot=snapshot, layer_names=services.template.layer_names, answer=answer,
-        usage=usage, run_id=run_id,
+        usage=usage, run_id=run_id, steps=steps.steps(),
     )
     publisher.end(answer, {"usage": usage})
     progress.ended(MessageStatus.SUCCEEDED, chunks=publisher.chunks_published,
@@ -282,18 +289,41 @@ def _re_emit_end(turn: TurnPayload, state: MessageState,
 
 def _end_stopped(new: NewMessage, publisher: TurnPublisher, services: TurnServices,
                  progress: TurnProgress, *, partial_answer: str,
-                 run_id: str | None) -> TurnOutcome:
+                 run_id: str | None, steps: Sequence[AgentStep] = ()) -> TurnOutcome:
     """End a stopped turn: what was streamed stays the answer; no snapshot is saved.
 
     The backend's snapshot of a cancelled run is not sent back, so the next turn continues from
     the last completed one; the partial answer is kept on the message for the user to see.
     """
-    final = services.store.mark_stopped(new, partial_answer=partial_answer)
+    final = services.store.mark_stopped(new, partial_answer=partial_answer, steps=steps)
     answer = final.answer or ""
     publisher.end(answer, {"usage": None}, status=MessageStatus.STOPPED)
     progress.ended(MessageStatus.STOPPED, chunks=publisher.chunks_published, chars=len(answer))
     return TurnOutcome(new.message_id, run_id, answer, None, publisher.chunks_published,
                        status=MessageStatus.STOPPED.value)
+
+
+def _exposure(turn: TurnPayload, settings: Settings) -> StepExposure:
+    """What of the agent's process this turn shows: the payload's choice, else the settings'."""
+    chosen = turn.agent
+    return StepExposure(
+        thinking=settings.expose_thinking if chosen.include_thinking is None
+        else chosen.include_thinking,
+        tool_calls=settings.expose_tool_calls if chosen.include_tool_calls is None
+        else chosen.include_tool_calls,
+        max_steps=settings.max_steps_per_message,
+        max_field_chars=settings.max_step_field_chars,
+    )
+
+
+def _keep_steps(services: TurnServices, message_id: str, steps: StepTracker) -> None:
+    """A failing attempt keeps the steps its client saw; a lost save costs only the record."""
+    if not steps.steps():
+        return
+    try:
+        services.store.save_steps(message_id, steps.steps())
+    except AgentBackendError as exc:
+        log.warning("could not keep the steps of turn %s: %s", message_id, exc)
 
 
 class StreamedAnswer:
@@ -344,9 +374,9 @@ def _start_or_reattach(
 def _relay_answer(
     run_id: str, message_id: str, publisher: TurnPublisher, services: TurnServices,
     control: TurnControl, streamed: StreamedAnswer, progress: TurnProgress,
-    skip_chars: int = 0,
+    steps: StepTracker, skip_chars: int = 0,
 ) -> RunEvent:
-    """Publish the run's answer deltas as they come; return the terminal event.
+    """Publish the run's answer deltas and steps as they come; return the terminal event.
 
     The first ``skip_chars`` characters are counted but not published: the client has them
     from an earlier attempt at the same run.
@@ -360,6 +390,9 @@ def _relay_answer(
         if event.terminal:
             publisher.flush()
             return event
+        step = steps.feed(event)
+        if step is not None:
+            publisher.step(step.event_fields())
         if event.answer_delta:
             if streamed.chars + len(event.answer_delta) > limit:
                 raise ProtocolViolation(f"the streamed answer exceeds {limit} characters",
