@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 
 from config.settings import get_settings
 from gateway.tokens import mint_stream_token
+from worker.ownership import owner_fingerprint, owner_key
 from worker.publisher import EventBus, ReplayLogPolicy, TurnIds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,8 +194,14 @@ def main() -> None:
     log_path.parent.mkdir(exist_ok=True)
     ids = TurnIds(task_id=str(uuid.uuid4()), message_id=f"bench-{uuid.uuid4().hex[:12]}",
                   conversation_id=str(uuid.uuid4()))
+    owner = owner_fingerprint("bench", "bench", "bench")
     token = mint_stream_token(secret.encode(), message_id=ids.message_id, user_id="bench",
-                              ttl_seconds=3600)
+                              owner=owner, ttl_seconds=3600)
+    # Recorded as the worker records a turn's owner before its first event, so that the
+    # gateway relays the bench's turn to the token's owner from the start.
+    recorder = redis.Redis.from_url(arguments.pubsub_url)
+    recorder.set(owner_key(ids.message_id), owner, ex=3600)
+    recorder.close()
     url = f"http://127.0.0.1:{port}/v1/turns/{ids.message_id}/events"
     gateway = _start_gateway(arguments.pubsub_url, secret, port, log_path)
     try:

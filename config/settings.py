@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     gateway_subscribe_timeout_seconds: float = Field(5.0, gt=0)
     gateway_redis_max_connections: int = Field(32, gt=0)
     gateway_redis_health_check_seconds: float = Field(5.0, gt=0)
+    # A stream of a turn that has published nothing yet (never enqueued, lost before a worker
+    # took it, still queued) closes after this long with a final `turn_not_started` error frame
+    # instead of pinging for ever. The frame has no id, so a client that reconnects (EventSource
+    # does by itself unless the page closes it) simply waits again from the start.
+    gateway_first_event_timeout_seconds: float = Field(300.0, gt=0)
 
     # Celery retries of retryable failures: exponential backoff with full jitter.
     max_retries: int = Field(4, ge=0)

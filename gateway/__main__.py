@@ -13,9 +13,14 @@ import uvicorn
 
 from config.settings import get_settings
 from gateway.app import create_app
+from worker.logs import install_safe_log_records
 
 
 def serve(host: str, port: int) -> None:
+    # Before any handler exists: every record of the process (the app's, uvicorn's) is then
+    # made safe where it is made, so a path or token value with a line break in it cannot
+    # forge a log line, and a 60 KB one cannot flood it (worker/logs.py).
+    install_safe_log_records()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # No access log: stream URLs carry tokens in their query strings. The app logs each stream

@@ -1,15 +1,21 @@
 """The gateway's Starlette app: routes, and the shared Redis clients its lifespan owns.
 
-``GET /v1/turns/{message_id}/events`` streams one turn (docs/gateway.md); ``GET /demo`` is a
-page that watches one in a browser; ``GET /healthz`` says whether Redis is reachable and how
-many streams are open. Everything a stream needs is checked before the response starts — the
-token, the resume point, the subscription, the log — so a refusal is a JSON error, never a
-stream that stops early.
+``GET /v1/turns/{message_id}/events`` streams one turn (docs/gateway.md); ``HEAD`` on it
+checks the token and the resume point only and answers at once (a HEAD handled as a GET would
+wait on the turn, with no body to send); ``GET /demo`` is a page that watches one in a browser;
+``GET /healthz`` says whether Redis is reachable and how many streams are open. Everything a
+stream needs is checked before the response starts — the token, the resume point, the owner,
+the subscription, the log — so a refusal is a JSON error, never a stream that stops early.
+
+Values from the request (the message id in the path, the user id in the token) reach log lines
+only as ``%s`` arguments: the process's log records (``worker.logs.SafeLogRecord``, installed
+by ``python -m gateway``) escape and cut arguments, so they cannot forge or flood a line.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,9 +28,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from config.settings import INSECURE_DEV_GATEWAY_SECRET, Settings, get_settings
-from gateway.relay import PubSubHub, ReplayLog, StreamCounters, TurnStream
-from gateway.sse import EventStreamResponse
-from gateway.tokens import TokenRejected, verify_stream_token
+from gateway.relay import PubSubHub, ReplayLog, StreamCounters, StreamRefused, TurnStreams
+from gateway.sse import STREAM_HEADERS, EventStreamResponse
+from gateway.tokens import StreamClaims, TokenRejected, verify_stream_token
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +52,38 @@ def _token_of(request: Request) -> str | None:
     return request.query_params.get("token")
 
 
+# Seqs are Redis stream entry ids (``<seq>-0``), 64-bit; a signed maximum leaves room for the
+# ``after + 1`` of a log read. Digits only: ``int()`` would also take "+2", " 3 " and "1_0".
+_RESUME_POINT = re.compile(r"[0-9]{1,19}")
+MAX_RESUME_POINT = 2**63 - 1
+RESUME_POINT_RULE = ("Last-Event-ID and ?after= must be a seq: digits only, 0 to "
+                     f"{MAX_RESUME_POINT}")
+
+
 def _resume_point(request: Request) -> int | None:
-    """The seq the client already has: ``Last-Event-ID`` (EventSource sets it) or ``?after=``."""
-    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    try:
-        after = int(raw.strip())
-    except ValueError:
+    """The seq the client already has: ``Last-Event-ID`` (EventSource sets it) or ``?after=``;
+    0 when neither is given; None when the one given is not a seq.
+
+    An empty ``Last-Event-ID`` is no resume point (the SSE spec's "no last event id"); a given
+    ``?after=`` must be a seq, empty or not.
+    """
+    raw = request.headers.get("last-event-id") or request.query_params.get("after")
+    if raw is None:
+        return 0
+    if not _RESUME_POINT.fullmatch(raw):
         return None
-    return after if after >= 0 else None
+    after = int(raw)
+    return after if after <= MAX_RESUME_POINT else None
+
+
+def _claims_or_refusal(request: Request, secret: bytes) -> StreamClaims | Response:
+    """The token's claims for the path's turn, or the error response that refuses the stream."""
+    message_id = request.path_params["message_id"]
+    try:
+        return verify_stream_token(secret, _token_of(request), message_id=message_id)
+    except TokenRejected as exc:
+        log.info("stream of turn %s refused: %s", message_id, exc.code)
+        return error_response(exc.status, exc.code, exc.message)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -68,6 +98,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     replay_log = ReplayLog(aioredis.Redis(connection_pool=pool),
                            page_size=settings.gateway_replay_page_size)
     counters = StreamCounters()
+    streams = TurnStreams(
+        hub=hub, replay_log=replay_log, channel_for=settings.channel_for,
+        buffer_events=settings.gateway_client_buffer_events,
+        subscribe_timeout=settings.gateway_subscribe_timeout_seconds,
+        first_event_timeout=settings.gateway_first_event_timeout_seconds, counters=counters)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -81,49 +116,43 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await pool.disconnect()
 
     async def turn_events(request: Request) -> Response:
-        message_id = request.path_params["message_id"]
-        try:
-            claims = verify_stream_token(secret, _token_of(request), message_id=message_id)
-        except TokenRejected as exc:
-            log.info("stream of turn %s refused: %s", message_id, exc.code)
-            return error_response(exc.status, exc.code, exc.message)
+        claims = _claims_or_refusal(request, secret)
+        if isinstance(claims, Response):
+            return claims
         after = _resume_point(request)
         if after is None:
-            return error_response(400, "invalid_param",
-                                  "Last-Event-ID and ?after= must be a seq, 0 or more")
-        subscription = await hub.subscribe(settings.channel_for(message_id),
-                                           buffer_events=settings.gateway_client_buffer_events)
-        opened = False
+            return error_response(400, "invalid_param", RESUME_POINT_RULE)
         try:
-            if not await subscription.wait_ready(settings.gateway_subscribe_timeout_seconds):
-                return error_response(503, "event_bus_unavailable",
-                                      "the gateway cannot subscribe to the turn's events")
-            if after > 0:
-                seen = await replay_log.event(message_id, after)
-                if seen is not None and seen.terminal:
-                    # The client has the end already: 204 tells an EventSource to stop retrying.
-                    return Response(status_code=204)
-            first_page = await replay_log.read_after(message_id, after)
-            if not first_page and await replay_log.expired(message_id):
-                return error_response(410, "turn_expired",
-                                      "the turn ended long ago and its events are gone")
-            stream = TurnStream(
-                message_id=message_id, user_id=claims.user_id, after=after,
-                first_page=first_page, hub=hub, subscription=subscription,
-                replay_log=replay_log,
-                resubscribe_timeout=settings.gateway_subscribe_timeout_seconds,
-                counters=counters)
-            opened = True
+            stream = await streams.open(message_id=claims.message_id, user_id=claims.user_id,
+                                        owner=claims.owner, after=after)
+        except StreamRefused as refused:
+            log.info("stream of turn %s refused: %s", claims.message_id,
+                     refused.code or refused.status)
+            if refused.status == 204:
+                # The client has the end already: 204 tells an EventSource to stop retrying.
+                return Response(status_code=204)
+            return error_response(refused.status, refused.code, refused.message)
         except RedisError as exc:
-            log.warning("stream of turn %s refused, Redis failed: %s", message_id, exc)
+            log.warning("stream of turn %s refused, Redis failed: %s", claims.message_id, exc)
             return error_response(503, "event_bus_unavailable", "the turn's events are "
                                   "unavailable right now; retry shortly")
-        finally:
-            if not opened:
-                await hub.unsubscribe(subscription)
         return EventStreamResponse(stream, ping_interval=settings.gateway_ping_interval_seconds,
                                    send_timeout=settings.gateway_send_timeout_seconds,
                                    abort=stream.overflowed)
+
+    async def turn_events_head(request: Request) -> Response:
+        """What a GET would start with, as far as is known without Redis: the token's and the
+        resume point's refusals, else the stream's status and headers. The turn's own state
+        (204, 410, a resume point past its end) is only known to a GET."""
+        claims = _claims_or_refusal(request, secret)
+        if isinstance(claims, Response):
+            return claims
+        if _resume_point(request) is None:
+            return error_response(400, "invalid_param", RESUME_POINT_RULE)
+        head = Response(status_code=200, headers=STREAM_HEADERS,
+                        media_type=EventStreamResponse.media_type)
+        del head.headers["content-length"]  # the stream it stands for has none
+        return head
 
     async def demo(request: Request) -> Response:
         return FileResponse(DEMO_PAGE, media_type="text/html")
@@ -139,6 +168,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         }, status_code=200 if hub_stats["redis_connected"] else 503)
 
     return Starlette(routes=[
+        # HEAD first: the GET route would answer HEAD too, by running the stream.
+        Route("/v1/turns/{message_id}/events", turn_events_head, methods=["HEAD"]),
         Route("/v1/turns/{message_id}/events", turn_events, methods=["GET"]),
         Route("/demo", demo, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -14,6 +14,17 @@ it is cut off (``Subscription.overflowed``) rather than buffered without bound, 
 ``Last-Event-ID``. If the pub/sub connection drops, every stream waits for it to come back and
 re-reads the log from its last sent seq, so nothing published meanwhile is lost either.
 Log reads share one connection pool (``ReplayLog``).
+
+Only the turn's owner reads it. A turn's payload may name any message id, so the message id in
+a client's token does not make the message theirs: the worker records each message's owner and
+publishes a turn refused for ownership on the refused sender's own stream (worker/ownership.py).
+Each client's ``Route`` picks, by that record and the owner signed into its token, which stream
+it reads; every key it reads (channel, log, counter) is derived from that stream's id, and while
+the record is not there yet it relays nothing of the message's own stream.
+
+A stream that has published nothing closes after ``first_event_timeout`` with a final
+``turn_not_started`` frame (``TurnStream``), so a turn that never starts does not hold a client
+for ever.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import json
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +43,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from gateway.sse import CloseReason, encode_frame
+from worker.ownership import owner_key, refusal_stream
 from worker.publisher import TERMINAL_EVENTS, replay_log_key, seq_key
 
 log = logging.getLogger(__name__)
@@ -69,15 +82,29 @@ class _Channel:
 
 
 class Subscription:
-    """One client's share of a channel: a bounded queue of live events."""
+    """One client's share of one or more channels: one bounded queue of their live events.
 
-    def __init__(self, channel: str, state: _Channel, buffer_events: int) -> None:
-        self.channel = channel
-        self._state = state
-        self._queue: asyncio.Queue[TurnEvent | _Resync] = asyncio.Queue(buffer_events)
+    One queue, not one per channel, so that a stream whose route is not decided yet (it reads
+    a message's channel and a refusal channel, see ``Route``) takes its events in the order
+    they came, and so that its memory bound and ``overflowed`` stay one.
+    """
+
+    def __init__(self, buffer_events: int) -> None:
+        self._states: dict[str, _Channel] = {}
+        self._queue: asyncio.Queue[tuple[str, TurnEvent] | _Resync] = asyncio.Queue(buffer_events)
         self.overflowed = asyncio.Event()
 
-    def deliver(self, item: TurnEvent | _Resync) -> None:
+    @property
+    def channels(self) -> frozenset[str]:
+        return frozenset(self._states)
+
+    def deliver(self, channel: str, event: TurnEvent) -> None:
+        self._put((channel, event))
+
+    def resync(self) -> None:
+        self._put(RESYNC)
+
+    def _put(self, item: tuple[str, TurnEvent] | _Resync) -> None:
         if self.overflowed.is_set():
             return
         try:
@@ -87,7 +114,23 @@ class Subscription:
             while not self._queue.empty():
                 self._queue.get_nowait()
 
-    async def get(self) -> TurnEvent | _Resync:
+    def _attach(self, channel: str, state: _Channel) -> None:
+        self._states[channel] = state
+
+    def _detach(self, channel: str) -> _Channel | None:
+        """Stop reading ``channel``; what it queued already is dropped (nobody will read it)."""
+        state = self._states.pop(channel, None)
+        if state is not None:
+            kept = []
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if isinstance(item, _Resync) or item[0] != channel:
+                    kept.append(item)
+            for item in kept:
+                self._queue.put_nowait(item)
+        return state
+
+    async def get(self) -> tuple[str, TurnEvent] | _Resync:
         return await self._queue.get()
 
     @property
@@ -95,10 +138,11 @@ class Subscription:
         return self._queue.qsize()
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Whether the channel is subscribed on Redis (acknowledged) within ``timeout``."""
+        """Whether all its channels are subscribed on Redis (acknowledged) within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
-                await self._state.ready.wait()
+                for state in list(self._states.values()):
+                    await state.ready.wait()
         except TimeoutError:
             return False
         return True
@@ -138,26 +182,40 @@ class PubSubHub:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._pool.disconnect()
 
-    async def subscribe(self, channel: str, *, buffer_events: int) -> Subscription:
-        state = self._channels.get(channel)
-        if state is None:
-            state = self._channels[channel] = _Channel()
-            await self._send("SUBSCRIBE", channel)
-        subscription = Subscription(channel, state, buffer_events)
-        state.subscribers.add(subscription)
+    async def subscribe(self, channels: Iterable[str], *, buffer_events: int) -> Subscription:
+        subscription = Subscription(buffer_events)
+        new: list[str] = []
+        for channel in channels:
+            state = self._channels.get(channel)
+            if state is None:
+                state = self._channels[channel] = _Channel()
+                new.append(channel)
+            state.subscribers.add(subscription)
+            subscription._attach(channel, state)
+        if new:
+            await self._send("SUBSCRIBE", *new)
         return subscription
 
-    async def unsubscribe(self, subscription: Subscription) -> None:
-        state = self._channels.get(subscription.channel)
-        if state is None or subscription not in state.subscribers:
-            return
-        state.subscribers.discard(subscription)
-        if not state.subscribers:
-            del self._channels[subscription.channel]
-            await self._send("UNSUBSCRIBE", subscription.channel)
+    async def unsubscribe(self, subscription: Subscription,
+                          channels: Iterable[str] | None = None) -> None:
+        """Let go of some of its channels (all by default); Redis unsubscribes the unread."""
+        gone: list[str] = []
+        for channel in list(subscription.channels if channels is None else channels):
+            state = subscription._detach(channel)
+            if state is None:
+                continue
+            state.subscribers.discard(subscription)
+            if not state.subscribers and self._channels.get(channel) is state:
+                del self._channels[channel]
+                gone.append(channel)
+        if gone:
+            await self._send("UNSUBSCRIBE", *gone)
+
+    def _subscriptions(self) -> set[Subscription]:
+        return {sub for state in self._channels.values() for sub in state.subscribers}
 
     def stats(self) -> dict[str, Any]:
-        subscriptions = [sub for state in self._channels.values() for sub in state.subscribers]
+        subscriptions = self._subscriptions()
         return {
             "redis_connected": self.connected,
             "channels": len(self._channels),
@@ -247,41 +305,159 @@ class PubSubHub:
             return
         self.messages_relayed += 1
         for subscription in list(state.subscribers):
-            subscription.deliver(event)
+            subscription.deliver(channel, event)
 
     def _connection_lost(self) -> None:
         self._unacknowledged.clear()
         for state in self._channels.values():
             state.ready.clear()
-            for subscription in list(state.subscribers):
-                subscription.deliver(RESYNC)
+        for subscription in self._subscriptions():
+            subscription.resync()
 
 
 class ReplayLog:
-    """Reads of turns' replay logs, over a shared pool."""
+    """Reads of streams' replay logs and counters, and of messages' owner records, over a
+    shared pool. Every key is derived from a *stream id*: a message id, or a refusal stream's
+    id (``worker.ownership.refusal_stream``), never from the message id alone."""
 
     def __init__(self, client: aioredis.Redis, *, page_size: int) -> None:
         self._redis = client
         self.page_size = page_size
 
-    async def read_after(self, message_id: str, after: int) -> list[TurnEvent]:
-        """Up to one page of the turn's events with seq above ``after``, in order."""
-        entries = await self._redis.xrange(replay_log_key(message_id), min=f"{after + 1}-0",
+    async def read_after(self, stream_id: str, after: int) -> list[TurnEvent]:
+        """Up to one page of the stream's events with seq above ``after``, in order."""
+        entries = await self._redis.xrange(replay_log_key(stream_id), min=f"{after + 1}-0",
                                            max="+", count=self.page_size)
         return [TurnEvent.from_message(fields[b"data"]) for _, fields in entries]
 
-    async def event(self, message_id: str, seq: int) -> TurnEvent | None:
-        entries = await self._redis.xrange(replay_log_key(message_id), min=f"{seq}-0",
-                                           max=f"{seq}-0")
-        return TurnEvent.from_message(entries[0][1][b"data"]) if entries else None
-
-    async def expired(self, message_id: str) -> bool:
-        """Whether the turn published events whose log is gone (it ended long enough ago)."""
+    async def state(self, stream_id: str, after: int) -> StreamState:
+        """Where the stream stands for a client resuming after ``after``, in one round trip."""
+        key = replay_log_key(stream_id)
         pipeline = self._redis.pipeline(transaction=False)
-        pipeline.exists(replay_log_key(message_id))
-        pipeline.get(seq_key(message_id))
-        log_exists, published = await pipeline.execute()
-        return not log_exists and int(published or 0) > 0
+        pipeline.get(seq_key(stream_id))
+        pipeline.xrevrange(key, max="+", min="-", count=1)
+        pipeline.xrange(key, min=f"{after}-0", max=f"{after}-0")
+        pipeline.xrange(key, min=f"{after + 1}-0", max="+", count=self.page_size)
+        published, last, at, page = await pipeline.execute()
+        return StreamState(
+            published=int(published or 0),
+            last=TurnEvent.from_message(last[0][1][b"data"]) if last else None,
+            at_resume_point=(TurnEvent.from_message(at[0][1][b"data"])
+                             if at and after > 0 else None),
+            first_page=[TurnEvent.from_message(fields[b"data"]) for _, fields in page])
+
+    async def published(self, stream_id: str) -> int:
+        """The last seq the stream gave out (its counter outlives its log); 0 for none yet."""
+        return int(await self._redis.get(seq_key(stream_id)) or 0)
+
+    async def owner_of(self, message_id: str) -> str | None:
+        """The fingerprint of the owner the worker recorded for the message, if any yet."""
+        recorded = await self._redis.get(owner_key(message_id))
+        return recorded.decode() if recorded is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What a stream has published, as a client opening it after ``after`` needs to know."""
+
+    # Its seq counter: the last seq it gave out (0: nothing yet).
+    published: int
+    # Its log's last entry, and the entry at the resume point; None when there is none (no log:
+    # never published, or expired).
+    last: TurnEvent | None
+    at_resume_point: TurnEvent | None
+    # The first page of events after the resume point.
+    first_page: list[TurnEvent]
+
+    @property
+    def last_seq(self) -> int:
+        return max(self.published, self.last.seq if self.last is not None else 0)
+
+    @property
+    def expired(self) -> bool:
+        """It published, and its log is gone: it ended long enough ago."""
+        return self.published > 0 and self.last is None
+
+    def ended_by(self, after: int) -> bool:
+        """Whether a client that has every event up to ``after`` has the stream's end.
+
+        At the end (the resume point is a terminal event: a re-delivered turn may have
+        published its end once more after it, which that client needs no more than the first)
+        or past it (the last event is terminal and ``after`` is not before it).
+        """
+        if self.at_resume_point is not None and self.at_resume_point.terminal:
+            return True
+        return self.last is not None and self.last.terminal and after >= self.last.seq
+
+
+class StreamRefused(Exception):
+    """Why a stream is not opened; the app answers with ``status`` and nothing is streamed.
+
+    204 has no body (an EventSource stops reconnecting on it); the others are JSON errors.
+    """
+
+    def __init__(self, status: int, code: str = "", message: str = "") -> None:
+        super().__init__(message or code or str(status))
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class Route:
+    """Which stream of a message one client reads, decided once by the message's owner record.
+
+    The worker records the owner of a message (``owner_key``) before it publishes anything on
+    the message's channel, and publishes a refusal (a turn whose message id is another owner's,
+    or whose conversation is) on the refused sender's own stream (``refusal_stream``). So:
+
+    - the record is the token's owner: the message's stream;
+    - the record is another owner: the token owner's refusal stream, where their own refused
+      turn's ``error`` goes; nothing of the message's own stream is ever read for them;
+    - no record yet: undecided (``stream_id`` is None). The stream then reads both channels and
+      decides on the first event: one on the refusal channel routes it there; one on the
+      message's channel means the record exists now (it was written first), so it is read
+      again, once, and routes to the message only if it names the token's owner. Anything
+      else, a missing record included, is not the token owner's turn.
+
+    Once decided the route never changes, so a record that changes later changes nothing.
+    """
+
+    def __init__(self, *, message_id: str, owner: str) -> None:
+        self.message_id = message_id
+        self.owner = owner
+        self.refusal = refusal_stream(message_id, owner)
+        self.stream_id: str | None = None
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return (self.stream_id,) if self.stream_id is not None else (self.message_id,
+                                                                     self.refusal)
+
+    @property
+    def kind(self) -> str:
+        """For log lines: ``own``, ``refused`` or ``undecided``."""
+        if self.stream_id is None:
+            return "undecided"
+        return "own" if self.stream_id == self.message_id else "refused"
+
+    def decide(self, recorded_owner: str | None) -> str:
+        """Route by the owner record as read now; no record (or another owner) is refusal."""
+        self.stream_id = self.message_id if recorded_owner == self.owner else self.refusal
+        return self.stream_id
+
+    async def settle(self, log: ReplayLog) -> str | None:
+        """Decide if the owner record or the refusal stream says enough now; else None.
+
+        Called once the client's channels are subscribed (at open, and after the pub/sub
+        connection came back), so that what is published after it arrives as an event.
+        """
+        if self.stream_id is None:
+            recorded = await log.owner_of(self.message_id)
+            if recorded is not None:
+                self.decide(recorded)
+            elif await log.published(self.refusal) > 0:
+                self.stream_id = self.refusal
+        return self.stream_id
 
 
 @dataclass
@@ -292,27 +468,128 @@ class StreamCounters:
     closed: Counter[str] = field(default_factory=Counter)
 
 
+class _NotStarted:
+    """What the wait for a stream's first event gives when it has waited too long."""
+
+
+NOT_STARTED = _NotStarted()
+
+
+class TurnStreams:
+    """Opens clients' streams: the route, the subscription, the resume point, the first page.
+
+    Everything that can refuse a stream is done here, before the response starts, so that a
+    refusal is an HTTP status (``StreamRefused``) and never a stream that stops early.
+    """
+
+    def __init__(self, *, hub: PubSubHub, replay_log: ReplayLog,
+                 channel_for: Callable[[str], str], buffer_events: int,
+                 subscribe_timeout: float, first_event_timeout: float,
+                 counters: StreamCounters) -> None:
+        self._hub = hub
+        self._log = replay_log
+        self._channel_for = channel_for
+        self._buffer_events = buffer_events
+        self._subscribe_timeout = subscribe_timeout
+        self._first_event_timeout = first_event_timeout
+        self.counters = counters
+
+    async def open(self, *, message_id: str, user_id: str, owner: str,
+                   after: int) -> TurnStream:
+        """The client's stream, or ``StreamRefused``; Redis errors propagate (503 for the app).
+
+        The owner record is read before subscribing only to subscribe to less: the route is
+        settled again once the subscription is acknowledged, as the lossless order demands.
+        """
+        route = Route(message_id=message_id, owner=owner)
+        recorded = await self._log.owner_of(message_id)
+        if recorded is not None:
+            route.decide(recorded)
+        subscription = await self._hub.subscribe(
+            [self._channel_for(stream_id) for stream_id in route.candidates],
+            buffer_events=self._buffer_events)
+        opened = False
+        try:
+            if not await subscription.wait_ready(self._subscribe_timeout):
+                raise StreamRefused(503, "event_bus_unavailable",
+                                    "the gateway cannot subscribe to the turn's events")
+            stream_id = await route.settle(self._log)
+            first_page: list[TurnEvent] = []
+            waits_for_first_event = True
+            if stream_id is None:
+                if after > 0:
+                    # Nothing the client may read has been published: it cannot have seen any.
+                    raise StreamRefused(400, "invalid_param",
+                                        "resume point past the turn's last event")
+            else:
+                await keep_only(self._hub, subscription, self._channel_for(stream_id))
+                state = await self._log.state(stream_id, after)
+                if state.expired:
+                    raise StreamRefused(410, "turn_expired",
+                                        "the turn ended long ago and its events are gone")
+                if state.ended_by(after):
+                    raise StreamRefused(204)
+                if after > state.last_seq:
+                    raise StreamRefused(400, "invalid_param",
+                                        "resume point past the turn's last event")
+                first_page = state.first_page
+                waits_for_first_event = state.last_seq == 0
+            loop = asyncio.get_running_loop()
+            stream = TurnStream(
+                route=route, user_id=user_id, after=after, first_page=first_page,
+                first_event_by=(loop.time() + self._first_event_timeout
+                                if waits_for_first_event else None),
+                first_event_timeout=self._first_event_timeout, hub=self._hub,
+                subscription=subscription, replay_log=self._log,
+                channel_for=self._channel_for, resubscribe_timeout=self._subscribe_timeout,
+                counters=self.counters)
+            opened = True
+            return stream
+        finally:
+            if not opened:
+                await self._hub.unsubscribe(subscription)
+
+
+async def keep_only(hub: PubSubHub, subscription: Subscription, channel: str) -> None:
+    """Let go of every channel of the subscription but ``channel`` (a decided route's)."""
+    others = [other for other in subscription.channels if other != channel]
+    if others:
+        await hub.unsubscribe(subscription, others)
+
+
 class TurnStream:
     """One client's stream of one turn: replay from the log, then live, each seq once.
 
-    The stream is opened (subscribed, and the first page read) before the response starts, so
-    that a turn that cannot be streamed is answered with an HTTP error instead.
+    It reads its route's stream only; while the route is undecided it relays nothing but
+    decides it (``Route``) on the first event of either channel, then reads that stream's log
+    from the start, which holds the deciding event too (the log and the channel are written
+    by one atomic call). A stream that has published nothing when the client opened it ends,
+    if it still has sent nothing ``first_event_timeout`` seconds later, with one
+    ``turn_not_started`` error frame without an id: it is not one of the turn's events, so it
+    must not move the client's ``Last-Event-ID``.
     """
 
-    def __init__(self, *, message_id: str, user_id: str, after: int, first_page: list[TurnEvent],
-                 hub: PubSubHub, subscription: Subscription, replay_log: ReplayLog,
-                 resubscribe_timeout: float, counters: StreamCounters) -> None:
-        self.message_id = message_id
+    def __init__(self, *, route: Route, user_id: str, after: int, first_page: list[TurnEvent],
+                 first_event_by: float | None, first_event_timeout: float, hub: PubSubHub,
+                 subscription: Subscription, replay_log: ReplayLog,
+                 channel_for: Callable[[str], str], resubscribe_timeout: float,
+                 counters: StreamCounters) -> None:
+        self.message_id = route.message_id
         self.user_id = user_id
+        self.route = route
         self.last_seq = after
         self.sent = 0
+        self.not_started = False
         self._backlog: deque[TurnEvent] = deque(first_page)
         self._log_may_hold_more = len(first_page) >= replay_log.page_size
         self._gap_event: TurnEvent | None = None
         self._ended = False
+        self._first_event_by = first_event_by
+        self._first_event_timeout = first_event_timeout
         self._hub = hub
         self._subscription = subscription
         self._log = replay_log
+        self._channel_for = channel_for
         self._resubscribe_timeout = resubscribe_timeout
         self._counters = counters
         counters.open += 1
@@ -331,19 +608,34 @@ class TurnStream:
             return None
         if event is None:
             return None
+        if isinstance(event, _NotStarted):
+            self._ended = self.not_started = True
+            return self._not_started_frame()
         self.last_seq = event.seq
         self.sent += 1
+        self._first_event_by = None
         self._ended = event.terminal
         return event.frame
 
-    async def _next_event(self) -> TurnEvent | None:
+    def _not_started_frame(self) -> bytes:
+        # ASCII JSON (ensure_ascii): the message id from the path cannot break the frame.
+        return encode_frame(json.dumps({
+            "event": "error", "message_id": self.message_id, "status": 504,
+            "code": "turn_not_started",
+            "message": (f"the turn has published nothing within "
+                        f"{self._first_event_timeout:g}s: it may not have been enqueued, "
+                        f"or may still be waiting for a worker"),
+        }, separators=(",", ":")))
+
+    async def _next_event(self) -> TurnEvent | _NotStarted | None:
         while True:
             while self._backlog:
                 event = self._backlog.popleft()
                 if event.seq > self.last_seq:
                     return event
-            if self._log_may_hold_more:
-                page = await self._log.read_after(self.message_id, self.last_seq)
+            stream_id = self.route.stream_id
+            if self._log_may_hold_more and stream_id is not None:
+                page = await self._log.read_after(stream_id, self.last_seq)
                 self._log_may_hold_more = len(page) >= self._log.page_size
                 self._backlog.extend(page)
                 continue
@@ -355,24 +647,60 @@ class TurnStream:
                                 self.message_id, self.last_seq + 1, event.seq - 1)
                     return event
                 continue
-            item = await self._subscription.get()
+            item = await self._wait()
+            if isinstance(item, _NotStarted):
+                return item
             if isinstance(item, _Resync):
                 if not await self._subscription.wait_ready(self._resubscribe_timeout):
                     log.warning("stream of %s stopped: pub/sub not back within %.0fs",
                                 self.message_id, self._resubscribe_timeout)
                     return None
+                if self.route.stream_id is None:
+                    await self._settled(await self.route.settle(self._log))
+                self._log_may_hold_more = self.route.stream_id is not None
+                continue
+            channel, event = item
+            if stream_id is None:
+                # Undecided: this event decides. It is not relayed from here; the log read
+                # that follows has it (and anything before it) if the route is the message's.
+                if channel == self._channel_for(self.route.refusal):
+                    decided = self.route.refusal
+                else:
+                    decided = self.route.decide(await self._log.owner_of(self.message_id))
+                await self._settled(decided)
                 self._log_may_hold_more = True
-            elif item.seq == self.last_seq + 1:
-                return item
-            elif item.seq > self.last_seq:
-                self._gap_event = item
+            elif channel != self._channel_for(stream_id):
+                continue  # queued by a channel let go of since
+            elif event.seq == self.last_seq + 1:
+                return event
+            elif event.seq > self.last_seq:
+                self._gap_event = event
                 self._log_may_hold_more = True
+
+    async def _settled(self, stream_id: str | None) -> None:
+        if stream_id is not None:
+            self.route.stream_id = stream_id
+            await keep_only(self._hub, self._subscription, self._channel_for(stream_id))
+            log.info("stream of turn %s for user %s routed to %s", self.message_id,
+                     self.user_id, self.route.kind)
+
+    async def _wait(self) -> tuple[str, TurnEvent] | _Resync | _NotStarted:
+        """The next live item; ``NOT_STARTED`` once the first event is overdue."""
+        if self._first_event_by is None:
+            return await self._subscription.get()
+        try:
+            async with asyncio.timeout_at(self._first_event_by):
+                return await self._subscription.get()
+        except TimeoutError:
+            return NOT_STARTED
 
     async def aclose(self, reason: CloseReason) -> None:
         await self._hub.unsubscribe(self._subscription)
+        outcome = "turn_not_started" if self.not_started else reason.value
         self._counters.open -= 1
-        self._counters.closed[reason.value] += 1
+        self._counters.closed[outcome] += 1
         level = logging.WARNING if reason in (CloseReason.TOO_SLOW,
                                               CloseReason.SEND_TIMEOUT) else logging.INFO
-        log.log(level, "stream of turn %s for user %s closed (%s): %d events sent, last seq %d",
-                self.message_id, self.user_id, reason.value, self.sent, self.last_seq)
+        log.log(level, "stream of turn %s for user %s closed (%s, %s stream): %d events sent, "
+                "last seq %d", self.message_id, self.user_id, outcome, self.route.kind,
+                self.sent, self.last_seq)

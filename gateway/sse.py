@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -29,6 +30,12 @@ PING_FRAME = b"event: ping\n\n"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# The only line ends of the SSE format. Not ``str.splitlines``, which also breaks at U+2028,
+# U+0085 and others that the worker's JSON carries unescaped inside strings: a client would
+# join those data lines with "\n" and get JSON with a raw line feed in a string.
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def encode_frame(data: str, *, event_id: int | None = None, event: str | None = None) -> bytes:
     """One SSE frame. A line break in ``data`` starts a new ``data:`` line, as the spec says."""
     lines = []
@@ -36,7 +43,7 @@ def encode_frame(data: str, *, event_id: int | None = None, event: str | None = 
         lines.append(f"id: {event_id}")
     if event is not None:
         lines.append(f"event: {event}")
-    lines.extend(f"data: {line}" for line in data.splitlines() or [""])
+    lines.extend(f"data: {line}" for line in _SSE_LINE_END.split(data))
     return ("\n".join(lines) + "\n\n").encode()
 
 

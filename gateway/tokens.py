@@ -2,13 +2,16 @@
 
 A token is minted by the producer (``worker.client.submit_turn``) for the user who asked, and
 checked by the gateway on every connection. It is an HMAC-SHA256 signature, under a secret only
-the producer and the gateway hold, of the message id, the user id and an expiry:
+the producer and the gateway hold, of the message id, the user id, the owner's fingerprint
+(``worker.ownership.owner_fingerprint`` of tenant, app and user) and an expiry:
 
     v1.<base64url(JSON claims)>.<base64url(HMAC-SHA256(secret, "v1." + claims part))>
 
-so it cannot be forged, altered (another user, a later expiry) or used for another turn, and the
-gateway needs no lookup to check it. Standard library only: a producer that imports this does
-not pull in the gateway's server stack.
+so it cannot be forged, altered (another user or owner, a later expiry) or used for another turn,
+and the gateway needs no lookup to check it. The owner is what the gateway compares with the
+owner the worker recorded for the message (docs/gateway.md, "Owners"): a message id alone does
+not say whose turn it is, since a turn's payload may name any message id. Standard library
+only: a producer that imports this does not pull in the gateway's server stack.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ VERSION = "v1"
 class StreamClaims:
     message_id: str
     user_id: str
+    # ``owner_fingerprint(tenant_id, app_id, user_id)`` of the user the token was minted for.
+    owner: str
     expires_at: int
 
 
@@ -53,11 +58,12 @@ def _signature(secret: bytes, signed_part: str) -> bytes:
     return hmac.new(secret, signed_part.encode(), hashlib.sha256).digest()
 
 
-def mint_stream_token(secret: bytes, *, message_id: str, user_id: str, ttl_seconds: int,
-                      now: float | None = None) -> str:
-    """A token that lets ``user_id`` read turn ``message_id`` for ``ttl_seconds``."""
+def mint_stream_token(secret: bytes, *, message_id: str, user_id: str, owner: str,
+                      ttl_seconds: int, now: float | None = None) -> str:
+    """A token that lets ``user_id`` (whose owner fingerprint is ``owner``) read turn
+    ``message_id`` for ``ttl_seconds``, if the turn is that owner's."""
     expires_at = int(now if now is not None else time.time()) + ttl_seconds
-    claims = json.dumps({"m": message_id, "u": user_id, "e": expires_at},
+    claims = json.dumps({"m": message_id, "u": user_id, "o": owner, "e": expires_at},
                         separators=(",", ":"), ensure_ascii=False)
     signed_part = f"{VERSION}.{_b64encode(claims.encode())}"
     return f"{signed_part}.{_b64encode(_signature(secret, signed_part))}"
@@ -68,8 +74,10 @@ def verify_stream_token(secret: bytes, token: str | None, *, message_id: str,
     """The token's claims if it opens ``message_id`` now; else ``TokenRejected``.
 
     The signature is checked (in constant time) before anything in the claims is believed.
-    No token, a malformed or badly signed one and an expired one are 401s: the caller has not
-    shown who they are. A good token for another turn is a 403: they have, and may not.
+    No token, a malformed or badly signed one (a token minted before owners were signed in, with
+    no ``o`` claim, included) and an expired one are 401s: the caller has not shown who they
+    are. A good token for another turn is a 403: they have, and may not. Whether the turn is
+    the token's owner's is for the gateway to find out (``gateway.relay``): it needs Redis.
     """
     if not token:
         raise TokenRejected(401, "token_missing",
@@ -86,10 +94,12 @@ def verify_stream_token(secret: bytes, token: str | None, *, message_id: str,
         raise TokenRejected(401, "token_invalid", "the stream token's signature is not valid")
     try:
         raw = json.loads(_b64decode(claims_part))
-        claims = StreamClaims(message_id=raw["m"], user_id=raw["u"], expires_at=raw["e"])
+        claims = StreamClaims(message_id=raw["m"], user_id=raw["u"], owner=raw["o"],
+                              expires_at=raw["e"])
     except (binascii.Error, ValueError, KeyError, TypeError):
         raise TokenRejected(401, "token_invalid", "the stream token is malformed") from None
     if not (isinstance(claims.message_id, str) and isinstance(claims.user_id, str)
+            and isinstance(claims.owner, str) and claims.owner
             and type(claims.expires_at) is int):
         raise TokenRejected(401, "token_invalid", "the stream token is malformed")
     if claims.expires_at <= (now if now is not None else time.time()):

@@ -487,10 +487,13 @@ class RunningGateway:
     def events_url(self, message_id: str) -> str:
         return f"{self.url}/v1/turns/{message_id}/events"
 
-    def token(self, message_id: str, user_id: str = "user-1") -> str:
+    def token(self, message_id: str, user_id: str = "user-1", tenant_id: str = "tenant-1",
+              app_id: str = "app-1") -> str:
+        """A stream token as the producer mints it; the defaults are ``make_turn``'s owner."""
         from worker.client import stream_token_for
 
-        return stream_token_for(message_id, user_id, self.settings)
+        return stream_token_for(message_id, user_id, self.settings, tenant_id=tenant_id,
+                                app_id=app_id)
 
     def health(self) -> dict[str, Any]:
         answer = requests.get(f"{self.url}/healthz", timeout=5)
@@ -510,6 +513,9 @@ def gateway_settings(**overrides: Any) -> Settings:
         "gateway_client_buffer_events": 64,
         "gateway_send_timeout_seconds": 2.0,
         "gateway_redis_health_check_seconds": 1.0,
+        # Long enough for a real worker to start a turn that clients opened before it was
+        # enqueued; short enough that the test of a turn that never starts is quick.
+        "gateway_first_event_timeout_seconds": 3.0,
     }
     values.update(overrides)
     return base_settings(**values)

@@ -16,9 +16,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,16 @@ from tests.conftest import (
     TurnListener,
     answer_of,
     make_turn,
+    wait_until,
 )
 from worker.client import submit_turn
+from worker.ownership import owner_fingerprint, owner_key, refusal_stream
 from worker.publisher import EventBus, TurnIds, replay_log_key
 
 ARTIFACTS = ROOT / "artifacts"
+# The owner of make_turn's turns and of RunningGateway.token's default tokens, and another one.
+OWNER = owner_fingerprint("tenant-1", "app-1", "user-1")
+INTRUDER = owner_fingerprint("tenant-2", "app-1", "user-1")
 # One database is enough here: the gateway never touches the store.
 SQLITE_WORKER = pytest.mark.parametrize("celery_worker", ["sqlite"], indirect=True)
 
@@ -114,7 +121,16 @@ def new_ids() -> TurnIds:
                    conversation_id=f"conv-{uuid.uuid4().hex[:12]}")
 
 
-def publish_turn(bus: EventBus, ids: TurnIds, deltas: list[str]) -> None:
+def record_owner(bus: EventBus, message_id: str, owner: str = OWNER) -> None:
+    """Say whose turn the message is, as the worker does before it publishes anything."""
+    bus.redis.set(owner_key(message_id), owner, ex=3600)
+
+
+def publish_turn(bus: EventBus, ids: TurnIds, deltas: list[str],
+                 owner: str | None = OWNER) -> None:
+    """A whole turn as the worker publishes it: its owner recorded, deltas, the end."""
+    if owner is not None:
+        record_owner(bus, ids.message_id, owner)
     publisher = bus.turn(ids)
     for delta in deltas:
         publisher.delta(delta)
@@ -266,13 +282,13 @@ def _tampered_claims(token: str, **changes: Any) -> str:
 
 def _other_secret_token(message_id: str) -> str:
     return mint_stream_token(b"not-the-gateway-secret", message_id=message_id,
-                             user_id="user-1", ttl_seconds=600)
+                             user_id="user-1", owner=OWNER, ttl_seconds=600)
 
 
 def _expired_token(gateway: RunningGateway, message_id: str) -> str:
     return mint_stream_token(gateway.settings.gateway_secret.get_secret_value().encode(),
-                             message_id=message_id, user_id="user-1", ttl_seconds=60,
-                             now=time.time() - 120)
+                             message_id=message_id, user_id="user-1", owner=OWNER,
+                             ttl_seconds=60, now=time.time() - 120)
 
 
 TOKEN_FAILURES: dict[str, tuple[Callable[[RunningGateway, str], str | None], int, str]] = {
@@ -288,6 +304,9 @@ TOKEN_FAILURES: dict[str, tuple[Callable[[RunningGateway, str], str | None], int
     "tampered user": (lambda gateway, message_id: _tampered_claims(gateway.token(message_id),
                                                                     u="user-2"),
                       401, "token_invalid"),
+    "tampered owner": (lambda gateway, message_id: _tampered_claims(gateway.token(message_id),
+                                                                     o=INTRUDER),
+                       401, "token_invalid"),
     "tampered expiry": (lambda gateway, message_id: _tampered_claims(
         _expired_token(gateway, message_id), e=int(time.time()) + 3600), 401, "token_invalid"),
     "tampered turn": (lambda gateway, message_id: _tampered_claims(
@@ -325,6 +344,72 @@ def test_a_bearer_token_in_the_authorization_header_opens_the_stream(
 
     assert response.status_code == 200
     assert "id: 2\ndata: {" in response.text and '"event":"message_end"' in response.text
+
+
+# Owners -------------------------------------------------------------------------------------
+
+
+def refuse(bus: EventBus, ids: TurnIds, sender: str) -> None:
+    """The worker's refusal of a sender's turn that names another owner's message: one error,
+    on the sender's own refusal stream, never on the message's channel."""
+    refused = TurnIds(task_id=f"task-{uuid.uuid4().hex[:8]}", message_id=ids.message_id,
+                      conversation_id=ids.conversation_id,
+                      stream=refusal_stream(ids.message_id, sender))
+    bus.turn(refused).error(status=404, code="conversation_not_found",
+                            message=f"conversation {ids.conversation_id} not found")
+
+
+def test_another_owners_token_gets_only_its_own_refusal_and_nothing_of_the_turn(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    publish_turn(event_bus, ids, ["the owner's ", "secret answer"])
+    refuse(event_bus, ids, INTRUDER)
+    url = gateway.events_url(ids.message_id)
+
+    intruder = read_stream(url, token=gateway.token(ids.message_id, tenant_id="tenant-2"))
+    owner = read_stream(url, token=gateway.token(ids.message_id))
+
+    assert intruder.status == 200 and intruder.ended_by_server
+    assert [(event["seq"], event["event"], event["code"]) for event in intruder.events] == [
+        (1, "error", "conversation_not_found")]
+    assert [frame.id for frame in intruder.frames if frame.event is None] == ["1"]
+    assert "secret" not in "".join(frame.data for frame in intruder.frames)
+    assert answer_of(owner.events) == "the owner's secret answer"
+    assert [event["event"] for event in owner.events][-1] == "message_end"
+
+
+def test_streams_opened_before_the_owner_is_recorded_give_the_turn_to_its_owner_alone(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    """Both streams open while no worker has claimed the message; then the owner's turn runs
+    and the intruder's turn is refused. The owner gets the whole turn, the intruder only its
+    refusal, though the other's events reached its subscription first."""
+    ids = new_ids()
+    url = gateway.events_url(ids.message_id)
+    opened = {"owner": threading.Event(), "intruder": threading.Event()}
+
+    def reader(name: str, token: str) -> StreamRead:
+        return read_stream(url, token=token, on_frame=lambda frame: opened[name].set())
+
+    with ThreadPoolExecutor(2) as pool:
+        owner_read = pool.submit(reader, "owner", gateway.token(ids.message_id))
+        intruder_read = pool.submit(reader, "intruder",
+                                    gateway.token(ids.message_id, tenant_id="tenant-2"))
+        assert all(event.wait(WAIT_SECONDS) for event in opened.values())
+        publish_turn(event_bus, ids, ["the owner's ", "secret answer"])
+        refuse(event_bus, ids, INTRUDER)
+        owner, intruder = owner_read.result(WAIT_SECONDS), intruder_read.result(WAIT_SECONDS)
+
+    truth = [json.loads(fields[b"data"])
+             for _, fields in event_bus.redis.xrange(replay_log_key(ids.message_id))]
+    assert_exactly_the_turn(owner, truth)
+    assert answer_of(owner.events) == "the owner's secret answer"
+    assert [(event["seq"], event["event"]) for event in intruder.events] == [(1, "error")]
+    assert "secret" not in "".join(frame.data for frame in intruder.frames)
+    log_text = gateway.log_path.read_text()
+    assert f"stream of turn {ids.message_id} for user user-1 routed to own" in log_text
+    assert f"stream of turn {ids.message_id} for user user-1 routed to refused" in log_text
 
 
 # The stream itself -------------------------------------------------------------------------
@@ -365,21 +450,159 @@ def test_a_turn_whose_log_has_expired_is_gone(
     assert read.status == 410 and json.loads(read.body)["code"] == "turn_expired"
 
 
-def test_a_resume_point_that_is_not_a_seq_is_a_bad_request(
+@dataclass
+class Answer:
+    """The status line, headers and (for anything but a stream) body of one request."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    seconds: float
+
+
+def answer_to(method: str, url: str, *, params: dict[str, str] | None = None,
+              headers: dict[str, str] | None = None) -> Answer:
+    """One request whose body is read only if it is not a stream: a 200 stream that should
+    not have been opened fails the test's status check instead of hanging on pings."""
+    started = time.monotonic()
+    with httpx.stream(method, url, params=params, headers=headers,
+                      timeout=httpx.Timeout(5.0)) as response:
+        body = b"" if response.status_code == 200 and method == "GET" else response.read()
+        return Answer(response.status_code, response.headers, body,
+                      time.monotonic() - started)
+
+
+# Not seqs: signs, spaces, underscores (int() takes those three), other digits, other bases,
+# past the 64-bit stream ids, and a number too long for anything.
+NOT_A_SEQ = {
+    "a word": "seven", "a plus sign": "+2", "spaces around": " 3 ", "an underscore": "1_0",
+    "negative": "-1", "empty": "", "hexadecimal": "0x10", "a decimal point": "1.0",
+    "Arabic-Indic digit": "\u0663", "2^63": str(2**63), "2^64+1": str(2**64 + 1),
+    "4,000 digits": "9" * 4000,
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_A_SEQ))
+def test_an_after_that_is_not_a_strict_seq_is_a_bad_request(
+    case: str, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    publish_turn(event_bus, ids, ["hello"])
+
+    answer = answer_to("GET", gateway.events_url(ids.message_id),
+                       params={"token": gateway.token(ids.message_id),
+                               "after": NOT_A_SEQ[case]})
+
+    assert answer.status == 400
+    assert json.loads(answer.body)["code"] == "invalid_param"
+
+
+@pytest.mark.parametrize("case", ["a plus sign", "an underscore", "negative", "2^63",
+                                  "4,000 digits"])
+def test_a_last_event_id_that_is_not_a_strict_seq_is_a_bad_request(
+    case: str, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    publish_turn(event_bus, ids, ["hello"])
+
+    answer = answer_to("GET", gateway.events_url(ids.message_id),
+                       params={"token": gateway.token(ids.message_id)},
+                       headers={"Last-Event-ID": NOT_A_SEQ[case]})
+
+    assert answer.status == 400
+    assert json.loads(answer.body)["code"] == "invalid_param"
+
+
+def test_a_resume_point_at_or_past_the_end_of_a_finished_turn_is_answered_at_once_with_204(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
     ids = new_ids()
-    response = httpx.get(gateway.events_url(ids.message_id), timeout=5,
-                         params={"token": gateway.token(ids.message_id), "after": "seven"})
+    publish_turn(event_bus, ids, ["one ", "two"])  # seqs 1, 2 and the end, 3
+    url, token = gateway.events_url(ids.message_id), gateway.token(ids.message_id)
 
-    assert response.status_code == 400
-    assert response.json()["code"] == "invalid_param"
+    answers = [answer_to("GET", url, params={"token": token, "after": after})
+               for after in ("3", "4", "999", str(2**63 - 1))]
+    answers.append(answer_to("GET", url, params={"token": token},
+                             headers={"Last-Event-ID": str(2**63 - 1)}))
+
+    assert [answer.status for answer in answers] == [204] * 5
+    assert all(answer.body == b"" for answer in answers)
+    assert max(answer.seconds for answer in answers) < (
+        gateway.settings.gateway_ping_interval_seconds)
+
+
+def test_a_resume_point_past_the_last_event_of_a_turn_that_has_not_ended_is_a_bad_request(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    running, quiet, unclaimed = new_ids(), new_ids(), new_ids()
+    record_owner(event_bus, running.message_id)
+    publisher = event_bus.turn(running)
+    for delta in ("one ", "two"):
+        publisher.delta(delta)
+        publisher.flush()
+    record_owner(event_bus, quiet.message_id)  # claimed, nothing published yet
+
+    past_the_end = [
+        answer_to("GET", gateway.events_url(ids.message_id),
+                  params={"token": gateway.token(ids.message_id), "after": after})
+        for ids, after in ((running, "3"), (running, "999"), (quiet, "1"), (unclaimed, "1"))]
+
+    def end_on_first_ping(frame: SSEFrame) -> None:
+        if frame.event == "ping":
+            publisher.end("one two", {"usage": None})
+
+    at_the_end = read_stream(gateway.events_url(running.message_id),
+                             token=gateway.token(running.message_id), last_event_id=2,
+                             on_frame=end_on_first_ping)
+
+    assert [answer.status for answer in past_the_end] == [400] * 4
+    assert {json.loads(answer.body)["message"] for answer in past_the_end} == {
+        "resume point past the turn's last event"}
+    assert at_the_end.status == 200 and at_the_end.ended_by_server
+    assert [(event["seq"], event["event"]) for event in at_the_end.events] == [
+        (3, "message_end")]
+
+
+@pytest.mark.parametrize("case", ["nothing is ever published",
+                                  "only another owner's turn is published"])
+def test_a_stream_of_a_turn_that_never_starts_ends_with_turn_not_started_after_the_wait(
+    case: str, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    others = case == "only another owner's turn is published"
+    token = (gateway.token(ids.message_id, tenant_id="tenant-2") if others
+             else gateway.token(ids.message_id))
+    pings: list[SSEFrame] = []
+
+    def publish_the_other_owners_turn(frame: SSEFrame) -> None:
+        if frame.event == "ping":
+            pings.append(frame)
+            if others and len(pings) == 1:  # after the stream opened, owner unknown
+                publish_turn(event_bus, ids, ["not ", "yours"], owner=OWNER)
+
+    started = time.monotonic()
+    read = read_stream(gateway.events_url(ids.message_id), token=token,
+                       on_frame=publish_the_other_owners_turn)
+    took = time.monotonic() - started
+    wait = gateway.settings.gateway_first_event_timeout_seconds
+
+    assert read.status == 200 and read.ended_by_server
+    assert wait <= took < wait + 2
+    assert read.pings >= 2
+    last = read.frames[-1]
+    assert last.event is None and last.id is None, "it must not move Last-Event-ID"
+    assert read.events == [last.json()]
+    assert {key: last.json()[key] for key in ("event", "status", "code", "message_id")} == {
+        "event": "error", "status": 504, "code": "turn_not_started",
+        "message_id": ids.message_id}
+    assert "yours" not in "".join(frame.data for frame in read.frames)
 
 
 def test_nothing_is_lost_when_the_gateways_pubsub_connection_drops_mid_turn(
     gateway: RunningGateway, event_bus: EventBus, redis_client: redis.Redis,
 ) -> None:
     ids = new_ids()
+    record_owner(event_bus, ids.message_id)
     publisher = event_bus.turn(ids)
     url = gateway.events_url(ids.message_id)
     token = gateway.token(ids.message_id)
@@ -415,6 +638,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_can_resume(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
     ids = new_ids()
+    record_owner(event_bus, ids.message_id)
     publisher = event_bus.turn(ids)
     url = gateway.events_url(ids.message_id)
     token = gateway.token(ids.message_id)
@@ -461,6 +685,7 @@ def test_a_client_whose_socket_takes_nothing_for_the_send_timeout_is_cut_off(
 ) -> None:
     """Few but large events: the client's queue never fills, its socket does."""
     ids = new_ids()
+    record_owner(event_bus, ids.message_id)
     publisher = event_bus.turn(ids)
     url = gateway.events_url(ids.message_id)
     counted_before = gateway.health()["closed_streams"].get("send_timeout", 0)
@@ -482,6 +707,62 @@ def test_a_client_whose_socket_takes_nothing_for_the_send_timeout_is_cut_off(
             time.sleep(0.05)
 
     assert gateway.health()["subscriptions"] == 0
+
+
+# HEAD and the log ----------------------------------------------------------------------------
+
+
+def test_head_answers_at_once_with_the_streams_headers_and_opens_no_stream(
+    gateway: RunningGateway,
+) -> None:
+    ids = new_ids()  # a turn that has published nothing: a GET would wait for it
+    url = gateway.events_url(ids.message_id)
+    before = gateway.health()
+
+    head = answer_to("HEAD", url, params={"token": gateway.token(ids.message_id)})
+    no_token = answer_to("HEAD", url)
+    bad_resume_point = answer_to("HEAD", url, params={"token": gateway.token(ids.message_id),
+                                                      "after": "+2"})
+    after = gateway.health()
+
+    assert head.status == 200 and head.body == b""
+    assert head.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert head.headers["cache-control"] == "no-cache"
+    assert head.headers["x-accel-buffering"] == "no"
+    assert head.seconds < gateway.settings.gateway_ping_interval_seconds
+    assert (no_token.status, no_token.body) == (401, b"")
+    assert no_token.headers["www-authenticate"].startswith("Bearer")
+    assert (bad_resume_point.status, bad_resume_point.body) == (400, b"")
+    assert after["open_streams"] == before["open_streams"]
+    assert after["closed_streams"] == before["closed_streams"]
+
+
+def test_request_values_cannot_forge_a_line_of_the_gateways_log_or_flood_it(
+    gateway: RunningGateway,
+) -> None:
+    forged = "2026-01-01 CRITICAL forged"
+    prefix = f"msg-{uuid.uuid4().hex[:8]}"
+    crlf_id = f"{prefix}\r\n{forged}"  # what the path below decodes to
+    crlf_url = f"{gateway.url}/v1/turns/{prefix}%0D%0A{forged.replace(' ', '%20')}/events"
+    long_id = "m" * 60_000
+    token = gateway.token(crlf_id, user_id=f"user-1\r\n{forged} by the user")
+
+    refused = answer_to("GET", crlf_url)
+    with httpx.stream("GET", crlf_url, params={"token": token},
+                      timeout=httpx.Timeout(5.0)) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first ping: the stream is open; then hang up
+    long_refused = answer_to("GET", gateway.events_url(long_id))
+    escaped_id = f"{prefix}\\x0d\\x0a{forged}"
+    closed = f"stream of turn {escaped_id} for user user-1\\x0d\\x0a{forged} by the user closed"
+    wait_until(lambda: closed in gateway.log_path.read_text())
+
+    lines = gateway.log_path.read_text().split("\n")
+    assert (refused.status, long_refused.status) == (401, 401)
+    assert not [line for line in lines if line.lstrip("\r").startswith(forged)]
+    assert any(f"stream of turn {escaped_id} refused: token_missing" in line for line in lines)
+    assert any(f"{'m' * 512}…(+{60_000 - 512} chars) refused" in line for line in lines)
+    assert max(len(line) for line in lines) < 5_000
 
 
 # The demo page in a browser -----------------------------------------------------------------
@@ -541,3 +822,4 @@ def test_the_demo_page_is_served(gateway: RunningGateway) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/html")
     assert "new EventSource(" in response.text
+

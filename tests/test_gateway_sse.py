@@ -28,6 +28,17 @@ def test_line_breaks_in_data_become_data_lines_and_read_back_the_same() -> None:
     assert parse(raw) == [SSEFrame(event="note", id=None, data="one\ntwo\nthree")]
 
 
+def test_unicode_line_separators_in_data_stay_inside_their_data_line() -> None:
+    """The worker's JSON carries U+2028, U+0085 and the like unescaped; SSE ends lines at CR
+    and LF only, so splitting at them would hand a client JSON with a raw line feed."""
+    data = '{"answer":"a\u2028b\u2029c\x85d\x0be\x1cf","seq":1}'
+
+    raw = encode_frame(data, event_id=1)
+
+    assert raw == f"id: 1\ndata: {data}\n\n".encode()
+    assert [frame.data for frame in parse(raw)] == [data]
+
+
 def test_the_ping_is_difys_keepalive_frame() -> None:
     assert PING_FRAME == b"event: ping\n\n"
     assert parse(PING_FRAME) == [SSEFrame(event="ping", id=None, data="")]

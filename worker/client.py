@@ -25,6 +25,7 @@ from celery import Celery
 from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
 from gateway.tokens import mint_stream_token
+from worker.ownership import owner_fingerprint
 from worker.payload import TurnPayload, parse_turn
 from worker.supervisor import CONTROL_CHANNEL, stop_key
 
@@ -35,16 +36,26 @@ class SubmittedTurn:
     message_id: str
     conversation_id: str
     channel: str
-    # Lets the turn's user read it from the SSE gateway (docs/gateway.md); give it to them.
+    # Lets the turn's user read it from the SSE gateway (docs/gateway.md); give it to them. It
+    # names the turn's owner (tenant, app, user), so it opens the turn only if the worker
+    # recorded that owner for the message.
     stream_token: str
 
 
-def stream_token_for(message_id: str, user_id: str, settings: Settings | None = None) -> str:
-    """A token for the SSE gateway that lets ``user_id`` read turn ``message_id`` for
-    ``AGENT_TURN_GATEWAY_TOKEN_TTL_SECONDS``, e.g. to mint a fresh one when a page reloads."""
+def stream_token_for(message_id: str, user_id: str, settings: Settings | None = None, *,
+                     tenant_id: str, app_id: str) -> str:
+    """A token for the SSE gateway that lets ``user_id`` of ``tenant_id``/``app_id`` read turn
+    ``message_id`` for ``AGENT_TURN_GATEWAY_TOKEN_TTL_SECONDS``, e.g. to mint a fresh one when a
+    page reloads.
+
+    Tenant and app are required (keyword-only, no defaults) because they are part of the owner
+    the token is signed for: the gateway relays the turn only to the owner the worker recorded
+    for it, and anyone else gets their own refusal instead (docs/gateway.md, "Owners").
+    """
     settings = settings or get_settings()
     return mint_stream_token(settings.gateway_secret.get_secret_value().encode(),
                              message_id=message_id, user_id=user_id,
+                             owner=owner_fingerprint(tenant_id, app_id, user_id),
                              ttl_seconds=settings.gateway_token_ttl_seconds)
 
 
@@ -84,7 +95,8 @@ def submit_turn(
         message_id=payload.message_id,
         conversation_id=payload.conversation_id,
         channel=settings.channel_for(payload.message_id),
-        stream_token=stream_token_for(payload.message_id, payload.user_id, settings),
+        stream_token=stream_token_for(payload.message_id, payload.user_id, settings,
+                                      tenant_id=payload.tenant_id, app_id=payload.app_id),
     )
 
 
@@ -156,3 +168,4 @@ def _remember_task(settings: Settings, *, task_id: str, message_id: str) -> None
     pipeline.set(_task_of(message_id), task_id, ex=settings.turn_state_ttl_seconds)
     pipeline.set(_message_of(task_id), message_id, ex=settings.turn_state_ttl_seconds)
     pipeline.execute()
+
