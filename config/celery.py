@@ -26,6 +26,8 @@ from config.settings import Settings
 log = logging.getLogger(__name__)
 
 TURN_TASK_NAME = "agent_turn.run_turn"
+# The continuation of a turn after its user answered the question it asked (ask_human).
+RESUME_TASK_NAME = "agent_turn.resume_turn"
 # What Celery's events, and so Flower, show of a turn's arguments: ids and the query's start,
 # never the whole query, the inputs or the agent settings (see turn_kwargsrepr).
 TURN_ARGSREPR = "()"
@@ -77,7 +79,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": settings.queue,
-        "task_routes": {TURN_TASK_NAME: {"queue": settings.queue}},
+        "task_routes": {TURN_TASK_NAME: {"queue": settings.queue},
+                        RESUME_TASK_NAME: {"queue": settings.queue}},
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_track_started": True,

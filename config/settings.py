@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     expose_tool_calls: bool = True
     max_steps_per_message: int = Field(50, ge=0)
     max_step_field_chars: int = Field(4000, gt=0)
+    # A question to the user (ask_human): how long it stays open before the message ends with
+    # human_input_expired, how large an answer may be, and how often workers look for
+    # questions past their time.
+    human_input_ttl_seconds: float = Field(3600.0, gt=0)
+    max_human_input_bytes: int = Field(16 * 1024, gt=0)
+    question_sweep_seconds: float = Field(2.0, gt=0)
     max_output_tokens: int = Field(16_384, gt=0)
 
     # Publishing: the first delta of a turn goes out at once, later ones are coalesced until the

@@ -17,9 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAULT_MODULES = ["tests/test_faults.py", "tests/test_tasks.py", "tests/test_supervisor.py"]
+FAULT_MODULES = ["tests/test_faults.py", "tests/test_ownership.py", "tests/test_tasks.py",
+                 "tests/test_supervisor.py"]
 SECTIONS = {
     "test_faults": "Crashes, outages and bad input",
+    "test_ownership": "Another owner's conversation or message",
     "test_tasks": "Backend faults and retries",
     "test_supervisor": "Stop, deadline and turn order",
 }

@@ -58,6 +58,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from stub_backend import process
+
 __all__ = [
     "CreateRunRequest",
     "StubSettings",
@@ -349,6 +351,11 @@ class RunPlan:
     has_output: bool
     output: Any
     layer_names: list[str]
+    # The agent's process (stub_backend/process.py), chosen by the query or a resumed call.
+    think: bool = False
+    refused_tool: bool = False
+    ask: bool = False
+    resume: dict[str, Any] | None = None
 
 
 class Run:
@@ -558,16 +565,56 @@ def _plan(
             pad_to = registration.answer_tokens
     query = _query_of(request)
     history = _history_of(request.session_snapshot)
+    resume = _resumed_call(request)
+    tokens = answer_tokens_for(query, history, pad_to)
+    if resume is not None:
+        said = json.dumps(resume["result"], separators=(",", ":"))
+        tokens = _TOKEN_RE.findall(f"Tool ask_human said: {said}")
     return RunPlan(
+        think="THINK" in query and resume is None,
+        refused_tool="CALL_TOOL:lookup" in query and resume is None,
+        ask="CALL_TOOL:ask_human" in query and resume is None,
+        resume=resume,
         query=query,
         history=history,
-        tokens=answer_tokens_for(query, history, pad_to),
+        tokens=tokens,
         token_delay=token_delay,
         fail=registration.take_fail() if registration else None,
         has_output=registration.has_output if registration else False,
         output=registration.output if registration else None,
         layer_names=[layer.name for layer in request.composition.layers],
     )
+
+
+def _pending_call_of(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    for layer in (snapshot or {}).get("layers", []):
+        state = layer.get("runtime_state") if isinstance(layer, dict) else None
+        if isinstance(state, dict) and isinstance(state.get("pending_call"), dict):
+            return state["pending_call"]
+    return None
+
+
+def deferred_problem(request: CreateRunRequest) -> str | None:
+    """Why a run's ``deferred_tool_results`` cannot resume its snapshot, if they cannot."""
+    results = request.deferred_tool_results
+    if results is None or not results.calls:
+        return None
+    pending = _pending_call_of(request.session_snapshot)
+    if pending is None:
+        return "deferred_tool_results given, but the snapshot has no deferred call"
+    unknown = sorted(set(results.calls) - {pending.get("tool_call_id")})
+    if unknown:
+        return f"deferred_tool_results name unknown tool calls {unknown}"
+    return None
+
+
+def _resumed_call(request: CreateRunRequest) -> dict[str, Any] | None:
+    results = request.deferred_tool_results
+    pending = _pending_call_of(request.session_snapshot)
+    if results is None or pending is None or pending.get("tool_call_id") not in results.calls:
+        return None
+    return {"tool_call_id": pending["tool_call_id"], "question": pending.get("question", ""),
+            "result": results.calls[pending["tool_call_id"]]}
 
 
 def _usage(plan: RunPlan, started: float) -> dict[str, Any]:
@@ -621,15 +668,45 @@ async def _produce(run: Run, plan: RunPlan) -> None:
     loop = asyncio.get_running_loop()
     token_due = loop.time()
     run.append("run_started", {})
-    run.append(
-        "pydantic_ai_event",
-        {
-            "index": 0,
-            "part": {"part_kind": "thinking", "content": THINKING_TEXT},
-            "event_kind": "part_start",
-        },
-        delta=None,
-    )
+
+    async def pause() -> None:
+        await asyncio.sleep(plan.token_delay)
+
+    special = plan.think or plan.refused_tool or plan.ask or plan.resume is not None
+    if not special:
+        run.append(
+            "pydantic_ai_event",
+            {
+                "index": 0,
+                "part": {"part_kind": "thinking", "content": THINKING_TEXT},
+                "event_kind": "part_start",
+            },
+            delta=None,
+        )
+    if plan.think:
+        turn = sum(1 for message in plan.history if message.get("role") == "user") + 1
+        await process.think(run.append, pause, f"Counting user messages: {turn}.")
+    if plan.refused_tool:
+        process.refused_tool_round(run.append, "lookup", {"question": plan.query},
+                                   process.call_id_for(run.run_id))
+    if plan.resume is not None:
+        process.resumed_call(run.append, plan.resume["question"],
+                             plan.resume["tool_call_id"], plan.resume["result"])
+    if plan.ask:
+        await pause()
+        call = process.ask(run.append, plan.query, process.call_id_for(run.run_id))
+        snapshot = _snapshot(plan, "")
+        for layer in snapshot["layers"]:
+            if layer["name"] == "history":
+                layer["runtime_state"]["messages"] = [*plan.history,
+                                                      {"role": "user", "content": plan.query}]
+        holder = next((layer for layer in snapshot["layers"] if layer["name"] == "ask_human"),
+                      snapshot["layers"][0])
+        holder["runtime_state"]["pending_call"] = {
+            "tool_call_id": call["tool_call_id"], "question": call["args"]["question"]}
+        run.append("run_succeeded", {"session_snapshot": snapshot, "deferred_tool_call": call,
+                                     "usage": _usage(plan, started)})
+        return
     fail_after = plan.fail.after_tokens if plan.fail is not None else None
     for position, token in enumerate(plan.tokens):
         if fail_after is not None and position >= fail_after:
@@ -898,6 +975,9 @@ def create_app(settings: StubSettings | None = None) -> Starlette:
             parsed = CreateRunRequest.model_validate(body)
         except ValidationError as exc:
             return _error(422, _validation_detail(exc))
+        problem = deferred_problem(parsed)
+        if problem is not None:
+            return _error(422, problem)
         key = parsed.idempotency_key
         if key is not None and key in state.idempotency:
             existing = state.runs.get(state.idempotency[key])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.conftest import RunningWorker, StubControl, answer_of, make_turn
 from worker.client import submit_turn
 
@@ -158,3 +160,71 @@ def test_object_output_without_answer_field_becomes_compact_json(
 
     assert events[-1]["answer"] == '{"city":"Zürich","days":[1,2]}'
     assert answer_of(events) == events[-1]["answer"]
+
+
+# A question to the user, answered --------------------------------------------------------
+
+
+def _until_question(listener: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            listener.events.append(json.loads(message["data"]))
+            if listener.events[-1]["event"] in ("human_input_required", "message_end", "error"):
+                return listener.events
+    raise AssertionError(f"no question within {timeout}s: {listener.events}")
+
+
+def test_a_question_pauses_the_turn_and_the_answer_resumes_it_on_the_same_message(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    from worker.client import submit_human_input
+    from worker.errors import HumanInputRefused
+
+    turn = make_turn(query="CALL_TOOL:ask_human when ready")
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    asked = _until_question(listener)[-1]
+
+    assert asked["event"] == "human_input_required" and asked["tool_name"] == "ask_human"
+    assert asked["args"]["question"] == "Please confirm: CALL_TOOL:ask_human when ready"
+    assert celery_worker.store.get_message(turn["message_id"]).status == "awaiting_input"
+    owner = {k: turn[k] for k in ("tenant_id", "app_id", "user_id")}
+    submit_human_input(turn["message_id"], asked["tool_call_id"], "submit", {"answer": "yes"},
+                       celery_app=producer_app, settings=celery_worker.settings, **owner)
+
+    events = listener.wait_for_end()
+    end = events[-1]
+    assert end["event"] == "message_end"
+    assert end["answer"] == ('Tool ask_human said: {"status":"submitted","action":'
+                             '{"id":"submit","label":"Submit"},"values":{"answer":"yes"}}')
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    assert [event["event"] for event in events].count("message_end") == 1
+    steps = [event for event in events if event["event"] == "agent_thought"]
+    assert {step["id"] for step in steps} == {steps[0]["id"]}, "one ask_human step, completed"
+    assert '"answer":"yes"' in steps[-1]["observation"]
+    assert len(stub.runs(turn["message_id"])) == 2
+    with pytest.raises(HumanInputRefused):
+        submit_human_input(turn["message_id"], asked["tool_call_id"], "submit", {},
+                           celery_app=producer_app, settings=celery_worker.settings, **owner)
+    message = celery_worker.store.get_message(turn["message_id"])
+    assert (message.status, message.answer) == ("succeeded", end["answer"])
+
+
+def test_a_turn_sent_while_its_conversation_awaits_an_answer_is_refused(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    asking = make_turn(query="CALL_TOOL:ask_human now")
+    listener = listen(asking["message_id"])
+    submit_turn(asking, celery_app=producer_app, settings=celery_worker.settings)
+    _until_question(listener)
+
+    follow = make_turn(conversation_id=asking["conversation_id"], query="hello?")
+    events = run_turn_and_wait(follow, listen, producer_app, celery_worker)
+
+    assert (events[-1]["event"], events[-1]["code"]) == ("error", "conversation_awaiting_input")
+    assert stub.create_calls(follow["message_id"]) == 0

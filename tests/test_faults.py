@@ -24,7 +24,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from config.celery import TURN_TASK_NAME, celery_config
+from config.celery import RESUME_TASK_NAME, TURN_TASK_NAME, celery_config
 from stub_backend import StubServer
 from tests.conftest import (
     RunningWorker,
@@ -581,3 +581,70 @@ def test_generated_hostile_payloads_each_end_once_and_never_cross_owners(
     follow_up = make_turn(conversation_id=victim["conversation_id"])
     assert_single_end(submit_and_wait(follow_up, listen, producer_app, celery_worker),
                       "message_end")
+
+
+# Questions to the user: duplicates and expiry --------------------------------------------
+
+
+def _asked(turn: dict[str, Any], listener: TurnListener, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+        if message is not None:
+            listener.events.append(json.loads(message["data"]))
+            if listener.events[-1]["event"] == "human_input_required":
+                return listener.events[-1]
+    raise AssertionError(f"turn {turn['message_id']} asked nothing: {listener.events}")
+
+
+def test_an_answer_enqueued_twice_makes_one_continuation_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human twice")
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    asked = _asked(turn, listener)
+    answer = {"tenant_id": turn["tenant_id"], "app_id": turn["app_id"],
+              "user_id": turn["user_id"], "message_id": turn["message_id"],
+              "tool_call_id": asked["tool_call_id"], "action": "submit",
+              "values": {"answer": "once"}}
+
+    results = [producer_app.send_task(RESUME_TASK_NAME, kwargs={"answer": answer},
+                                      queue=celery_worker.settings.queue) for _ in range(2)]
+
+    end = assert_single_end(listener.wait_for_end(), "message_end")
+    assert '"answer":"once"' in end["answer"]
+    assert sorted(final_state(result) for result in results) == ["FAILURE", "SUCCESS"]
+    assert len(stub.runs(turn["message_id"])) == 2, "the question's run and one continuation"
+
+
+def test_an_unanswered_question_expires_with_one_error_and_refuses_a_late_answer(
+    stub_server: StubServer, stub: StubControl, tmp_path: Path, listen: Any,
+    producer_app: Any
+) -> None:
+    from worker.client import submit_human_input
+    from worker.errors import HumanInputRefused
+
+    settings = base_settings(database_url=sqlite_url(tmp_path), backend_url=stub_server.url,
+                             queue=f"expiry-{uuid.uuid4().hex[:8]}",
+                             human_input_ttl_seconds=1.0, question_sweep_seconds=0.2)
+    worker = start_worker(settings, tmp_path / "worker.log", f"expiry-{os.getpid()}@%h")
+    try:
+        turn = make_turn(query="CALL_TOOL:ask_human and wait")
+        listener = listen(turn["message_id"])
+        submit_turn(turn, celery_app=producer_app, settings=settings)
+        asked = _asked(turn, listener)
+
+        error = assert_single_end(listener.wait_for_end(timeout=15), "error")
+        assert (error["code"], error["status"]) == ("human_input_expired", 410)
+        with pytest.raises(HumanInputRefused):
+            submit_human_input(turn["message_id"], asked["tool_call_id"], "submit", {},
+                               tenant_id=turn["tenant_id"], app_id=turn["app_id"],
+                               user_id=turn["user_id"], celery_app=producer_app,
+                               settings=settings)
+        engine = make_engine(settings.database_url, pool_size=1)
+        message = SessionStore(engine).get_message(turn["message_id"])
+        engine.dispose()
+        assert (message.status, message.error_code) == ("failed", "human_input_expired")
+    finally:
+        stop_worker(worker)

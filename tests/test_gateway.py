@@ -744,7 +744,9 @@ def test_request_values_cannot_forge_a_line_of_the_gateways_log_or_flood_it(
     prefix = f"msg-{uuid.uuid4().hex[:8]}"
     crlf_id = f"{prefix}\r\n{forged}"  # what the path below decodes to
     crlf_url = f"{gateway.url}/v1/turns/{prefix}%0D%0A{forged.replace(' ', '%20')}/events"
-    long_id = "m" * 60_000
+    # Long enough to be cut in the log, short enough that the request line fits in one read:
+    # a server that refuses before it has read a 60 KB request line resets the connection.
+    long_id = "m" * 6_000
     token = gateway.token(crlf_id, user_id=f"user-1\r\n{forged} by the user")
 
     refused = answer_to("GET", crlf_url)
@@ -761,7 +763,7 @@ def test_request_values_cannot_forge_a_line_of_the_gateways_log_or_flood_it(
     assert (refused.status, long_refused.status) == (401, 401)
     assert not [line for line in lines if line.lstrip("\r").startswith(forged)]
     assert any(f"stream of turn {escaped_id} refused: token_missing" in line for line in lines)
-    assert any(f"{'m' * 512}…(+{60_000 - 512} chars) refused" in line for line in lines)
+    assert any(f"{'m' * 512}…(+{6_000 - 512} chars) refused" in line for line in lines)
     assert max(len(line) for line in lines) < 5_000
 
 
@@ -823,3 +825,84 @@ def test_the_demo_page_is_served(gateway: RunningGateway) -> None:
     assert response.headers["content-type"].startswith("text/html")
     assert "new EventSource(" in response.text
 
+
+# Dify's web client reading the gateway -------------------------------------------------------
+
+
+@dataclass
+class DifyClientView:
+    """What Dify's web chat client (``handleStream`` in web/service/base.ts) makes of a stream:
+    it reads ``data:`` lines only, and of each frame the fields below."""
+
+    answer: str = ""
+    message_ids: list[Any] = field(default_factory=list)
+    thoughts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ended: dict[str, Any] | None = None
+    errored: dict[str, Any] | None = None
+    task_ids: set[Any] = field(default_factory=set)
+    conversation_ids: set[Any] = field(default_factory=set)
+
+
+def read_as_difys_client(url: str, token: str) -> DifyClientView:
+    view = DifyClientView()
+    with httpx.stream("GET", url, params={"token": token},
+                      timeout=httpx.Timeout(WAIT_SECONDS)) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            frame = json.loads(line[len("data: "):])
+            event = frame.get("event")
+            view.task_ids.add(frame.get("task_id"))
+            view.conversation_ids.add(frame.get("conversation_id"))
+            if event in ("message", "agent_message"):
+                view.answer += frame.get("answer", "")
+                view.message_ids.append(frame.get("id"))
+            elif event == "agent_thought":
+                view.thoughts[frame.get("id")] = frame
+            elif event == "message_end":
+                view.ended = frame
+                view.message_ids.append(frame.get("id"))
+            elif event == "error":
+                view.errored = {"status": frame.get("status"), "code": frame.get("code"),
+                                "id": frame.get("id")}
+    return view
+
+
+@SQLITE_WORKER
+@pytest.mark.parametrize("query", ["hi there", "CALL_TOOL:lookup please"])
+def test_difys_web_client_assembles_the_answer_and_takes_message_ids_from_id(
+    query: str, celery_worker: RunningWorker, stub: StubControl, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query=query)
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    view = read_as_difys_client(gateway.events_url(turn["message_id"]), submitted.stream_token)
+
+    assert view.ended is not None and view.errored is None
+    assert view.answer == view.ended["answer"] == f"[turn 1] You said: {query}."
+    assert set(view.message_ids) == {turn["message_id"]}, "every frame names the message"
+    assert view.task_ids == {submitted.task_id}
+    assert view.conversation_ids == {turn["conversation_id"]}
+    assert all(thought["message_id"] == turn["message_id"] for thought in view.thoughts.values())
+    if "CALL_TOOL" in query:
+        [step] = view.thoughts.values()
+        assert (step["tool"], step["observation"]) == (
+            "lookup", "Unknown tool name: 'lookup'. No tools available.")
+        assert step["id"] != turn["message_id"]
+
+
+@SQLITE_WORKER
+def test_difys_web_client_sees_a_failed_turn_as_an_error_with_its_status_and_code(
+    celery_worker: RunningWorker, stub: StubControl, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], fail={"reason": "InvokeBadRequestError", "error": "bad"})
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    view = read_as_difys_client(gateway.events_url(turn["message_id"]), submitted.stream_token)
+
+    assert view.ended is None
+    assert view.errored == {"status": 400, "code": "model_error", "id": turn["message_id"]}

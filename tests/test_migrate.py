@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -12,9 +13,14 @@ from sqlalchemy import inspect, text
 
 from tests.conftest import ROOT, base_settings, settings_env
 from worker.migrate import current_revision, head_revision, upgrade
-from worker.store import AssistantMessage, Base, ConversationSnapshot, SessionStore, make_engine
+from worker.store import Base, SessionStore, make_engine
 
-FIRST_REVISION_TABLES = [ConversationSnapshot.__table__, AssistantMessage.__table__]
+
+def _tables_of_the_first_revision_without_alembic(engine: Any) -> None:
+    """How the store made its tables before Alembic: revision 0001's, and no version table."""
+    upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE alembic_version"))
 
 
 def test_migrations_create_exactly_the_schema_the_models_describe(database_url: str) -> None:
@@ -61,8 +67,7 @@ def test_the_migrate_command_upgrades_the_configured_database(tmp_path: Path) ->
 def test_a_schema_made_before_migrations_is_adopted_and_upgraded(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
-        # How the store made its tables before Alembic: the tables of revision 0001.
-        Base.metadata.create_all(engine, tables=FIRST_REVISION_TABLES)
+        _tables_of_the_first_revision_without_alembic(engine)
 
         SessionStore(engine).create_schema()
 
@@ -74,7 +79,7 @@ def test_a_schema_made_before_migrations_is_adopted_and_upgraded(database_url: s
 def test_a_schema_with_an_empty_revision_table_is_adopted_too(database_url: str) -> None:
     engine = make_engine(database_url, pool_size=1)
     try:
-        Base.metadata.create_all(engine, tables=FIRST_REVISION_TABLES)
+        _tables_of_the_first_revision_without_alembic(engine)
         with engine.begin() as connection:  # what an interrupted first upgrade can leave
             connection.execute(text("CREATE TABLE alembic_version "
                                     "(version_num VARCHAR(32) NOT NULL PRIMARY KEY)"))

@@ -10,13 +10,19 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
+from worker.errors import (
+    AgentBackendError,
+    HumanInputRefused,
+    NotTheOwner,
+    SnapshotConflict,
+    TurnStoreUnavailable,
+)
 from worker.steps import AgentStep
 from worker.store import MessageStatus, NewMessage, SessionStore, make_engine
 
@@ -602,3 +608,90 @@ def test_a_later_attempts_steps_replace_the_earlier_ones(store: SessionStore) ->
     store.save_steps(message.message_id, _steps("retry"))
 
     assert [row.observation for row in store.list_steps(message.message_id)] == ["retry"]
+
+
+# A question to the user --------------------------------------------------------------------
+
+
+def _ask(store: SessionStore, *, expires_in: float = 60.0) -> NewMessage:
+    message = new_message()
+    store.claim(message)
+    store.begin_attempt(message)
+    store.mark_awaiting_input(
+        message.message_id, pending={"question": {"tool_call_id": "call_1"}, "base_version": 0},
+        partial_answer="Let me ask.", steps=_steps("asked"),
+        expires_at=datetime.now(UTC) + timedelta(seconds=expires_in))
+    return message
+
+
+def _owner(message: NewMessage) -> tuple[str, str, str]:
+    return message.tenant_id, message.app_id, message.user_id
+
+
+def _accept(pending: dict[str, Any]) -> dict[str, Any]:
+    return {"tool_call_id": pending["question"]["tool_call_id"], "values": {}}
+
+
+def test_a_question_leaves_the_message_awaiting_input_with_what_resuming_takes(
+        store: SessionStore) -> None:
+    message = _ask(store)
+
+    row = store.get_message(message.message_id)
+    assert (row.status, row.answer) == ("awaiting_input", "Let me ask.")
+    assert row.pending_input["question"] == {"tool_call_id": "call_1"}
+    assert store.begin_attempt(message).status == "awaiting_input", "a redelivery starts nothing"
+    assert store.awaiting_input_in(message.conversation_id, besides="other") == \
+        message.message_id
+
+
+def test_an_answer_is_taken_once_and_again_only_by_its_own_continuation(
+        store: SessionStore) -> None:
+    message = _ask(store)
+
+    pending = store.take_answer(message.message_id, owner=_owner(message), task_id="resume-1",
+                                accept=_accept)
+
+    assert pending["answer"] == {"tool_call_id": "call_1", "values": {}}
+    assert store.get_message(message.message_id).status == "running"
+    again = store.take_answer(message.message_id, owner=_owner(message), task_id="resume-1",
+                              accept=_accept)
+    assert again["resume_task_id"] == "resume-1"
+    with pytest.raises(HumanInputRefused):
+        store.take_answer(message.message_id, owner=_owner(message), task_id="resume-2",
+                          accept=_accept)
+
+
+def test_an_answer_from_another_owner_or_to_no_question_is_refused_writing_nothing(
+        store: SessionStore) -> None:
+    message = _ask(store)
+    with pytest.raises(HumanInputRefused):
+        store.take_answer(message.message_id, owner=("tenant-2", "app-1", "user-1"),
+                          task_id="t", accept=_accept)
+    with pytest.raises(HumanInputRefused):
+        store.take_answer("msg-unknown", owner=_owner(message), task_id="t", accept=_accept)
+
+    def refuse(pending: dict[str, Any]) -> dict[str, Any]:
+        raise HumanInputRefused("not an offered action")
+
+    with pytest.raises(HumanInputRefused):
+        store.take_answer(message.message_id, owner=_owner(message), task_id="t",
+                          accept=refuse)
+    assert store.get_message(message.message_id).status == "awaiting_input"
+
+
+def test_an_expired_question_ends_the_message_once_and_takes_no_answer(
+        store: SessionStore) -> None:
+    message = _ask(store, expires_in=-1.0)
+    waiting = _ask(store, expires_in=600.0)
+
+    expired = store.expire_questions()
+
+    assert [row.message_id for row in expired] == [message.message_id]
+    assert store.expire_questions() == []
+    row = store.get_message(message.message_id)
+    assert (row.status, row.error_code) == ("failed", "human_input_expired")
+    assert [step.observation for step in store.list_steps(message.message_id)] == ["asked"]
+    with pytest.raises(HumanInputRefused):
+        store.take_answer(message.message_id, owner=_owner(message), task_id="t",
+                          accept=_accept)
+    assert store.get_message(waiting.message_id).status == "awaiting_input"

@@ -814,3 +814,76 @@ def test_a_token_made_late_by_a_busy_loop_does_not_push_back_the_ones_after_it()
     # On schedule the last token comes 9 x 20 ms after the first; with every later token
     # pushed back by the busy moment it would come ~40 ms later than that.
     assert 170 <= stamps[-1] - stamps[0] < 200, stamps
+
+
+# The agent's process (stub_backend/process.py) ---------------------------------------------
+
+
+def _kinds(events: list[dict[str, Any]]) -> list[str]:
+    kinds = []
+    for event in events:
+        data = event["data"]
+        part = data.get("part") or {}
+        delta = data.get("delta") or {}
+        kinds.append(":".join(str(k) for k in (
+            event["type"], data.get("event_kind"), part.get("part_kind"),
+            delta.get("part_delta_kind")) if k))
+    return kinds
+
+
+def test_think_in_the_query_streams_a_thinking_part_that_never_adds_answer_text(
+        backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "THINK first")))
+
+    thinking = [e for e in events if "thinking" in json.dumps(e["data"])]
+    assert _kinds(thinking)[0] == "pydantic_ai_event:part_start:thinking"
+    assert _kinds(thinking)[-1] == "pydantic_ai_event:part_end:thinking"
+    assert all(e.get("agent_message_delta") is None for e in thinking)
+    assert thinking[-1]["data"]["part"]["content"] == "\nCounting user messages: 1. "
+    assert answer_deltas(events) == events[-1]["data"]["output"]
+
+
+def test_a_refused_tool_round_comes_before_the_answer_as_captured(backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:lookup please")))
+
+    assert _kinds(events)[1:5] == [
+        "pydantic_ai_event:part_start:tool-call", "pydantic_ai_event:part_end:tool-call",
+        "pydantic_ai_event:function_tool_call:tool-call",
+        "pydantic_ai_event:function_tool_result:retry-prompt"]
+    assert events[4]["data"]["part"]["content"] == \
+        "Unknown tool name: 'lookup'. No tools available."
+    assert events[-1]["type"] == "run_succeeded" and "output" in events[-1]["data"]
+
+
+def test_ask_human_defers_the_call_and_a_resumed_run_returns_the_answer(
+        backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:ask_human ok")))
+    end = events[-1]["data"]
+    assert "output" not in end
+    call = end["deferred_tool_call"]
+    assert (call["tool_name"], call["args"]["question"]) == (
+        "ask_human", "Please confirm: CALL_TOOL:ask_human ok")
+    result = {"status": "submitted", "action": {"id": "submit", "label": "Submit"},
+              "values": {"answer": "yes"}}
+    body = run_body("CALL_TOOL:ask_human ok", snapshot=end["session_snapshot"])
+    body["deferred_tool_results"] = {"calls": {call["tool_call_id"]: result}, "metadata": {}}
+
+    response = create(backend, body)
+    resumed = events_of(read_stream(backend, response.json()["run_id"]))
+
+    assert _kinds(resumed)[1:3] == ["pydantic_ai_event:function_tool_call:tool-call",
+                                    "pydantic_ai_event:function_tool_result:tool-return"]
+    assert resumed[2]["data"]["part"]["content"] == result
+    assert resumed[-1]["data"]["output"] == "Tool ask_human said: " + json.dumps(
+        result, separators=(",", ":"))
+
+
+def test_deferred_results_for_a_call_the_snapshot_never_made_are_refused_with_422(
+        backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:ask_human ok")))
+    body = run_body("x", snapshot=events[-1]["data"]["session_snapshot"])
+    body["deferred_tool_results"] = {"calls": {"call_unknown": {}}, "metadata": {}}
+
+    assert create(backend, body).status_code == 422
+    body["session_snapshot"] = None
+    assert create(backend, body).status_code == 422

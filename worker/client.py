@@ -22,11 +22,13 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
+from config.celery import RESUME_TASK_NAME, TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
 from gateway.tokens import mint_stream_token
-from worker.ownership import owner_fingerprint
-from worker.payload import TurnPayload, parse_turn
+from worker.errors import HumanInputRefused
+from worker.ownership import owner_fingerprint, owner_key
+from worker.payload import TurnPayload, parse_human_input, parse_turn
+from worker.questions import PendingQuestion, answered_key, check_answer, question_key
 from worker.supervisor import CONTROL_CHANNEL, stop_key
 
 
@@ -169,3 +171,52 @@ def _remember_task(settings: Settings, *, task_id: str, message_id: str) -> None
     pipeline.set(_message_of(task_id), message_id, ex=settings.turn_state_ttl_seconds)
     pipeline.execute()
 
+
+def submit_human_input(
+    message_id: str,
+    tool_call_id: str,
+    action: str,
+    values: Mapping[str, Any] | None = None,
+    *,
+    tenant_id: str,
+    app_id: str,
+    user_id: str,
+    celery_app: Celery | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """Answer the question a turn asked its user (ask_human); return the continuation's task id.
+
+    Checked before anything is enqueued, each with a clear error: the answer's shape
+    (``InvalidTurnPayload``); that the message waits for an answer to this call, from this
+    owner, with an action it offered and values of the right size and types
+    (``HumanInputRefused``); and that no answer to the call was accepted before. The worker
+    checks again against the store, which decides: a continuation enqueued twice, or
+    redelivered, makes one run.
+    """
+    settings = settings or get_settings()
+    raw = {"tenant_id": tenant_id, "app_id": app_id, "user_id": user_id,
+           "message_id": message_id, "tool_call_id": tool_call_id, "action": action,
+           "values": dict(values or {})}
+    answer = parse_human_input(raw, settings)
+    bus = _bus(settings)
+    summary = bus.get(question_key(message_id))
+    owner = bus.get(owner_key(message_id))
+    if summary is None or owner is None \
+            or owner.decode() != owner_fingerprint(tenant_id, app_id, user_id):
+        raise HumanInputRefused("the message is not waiting for an answer (unknown, answered "
+                                "already or expired)", message_id=message_id)
+    question = PendingQuestion.from_json(json.loads(summary))
+    check_answer(question, tool_call_id=answer.tool_call_id, action=answer.action,
+                 values=answer.values, max_bytes=settings.max_human_input_bytes,
+                 message_id=message_id)
+    first = bus.set(answered_key(message_id, tool_call_id), "1", nx=True,
+                    ex=int(settings.human_input_ttl_seconds) + 60)
+    if not first:
+        raise HumanInputRefused("this question was answered already", message_id=message_id)
+    if celery_app is None:
+        from worker.app import app as celery_app
+    result = celery_app.send_task(RESUME_TASK_NAME, kwargs={"answer": answer.model_dump()},
+                                  queue=settings.queue, argsrepr="()",
+                                  kwargsrepr=repr({"answer": {"message_id": message_id,
+                                                              "action": answer.action}}))
+    return str(result.id)

@@ -205,8 +205,10 @@ def build_run_request(
     *,
     session_snapshot: dict[str, Any] | None,
     run_number: int,
+    deferred_tool_results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``CreateRunRequest`` body for one turn (see ../shared/agent-protocol.md)."""
+    """The ``CreateRunRequest`` body for one turn (see ../shared/agent-protocol.md); a
+    continuation after the user's answer carries ``deferred_tool_results``."""
     return {
         "composition": template.fill(template_values(turn, settings)),
         "session_snapshot": session_snapshot,
@@ -217,6 +219,6 @@ def build_run_request(
             "conversation_id": turn.conversation_id,
             "message_id": turn.message_id,
         },
-        "deferred_tool_results": None,
+        "deferred_tool_results": deferred_tool_results,
         "on_exit": {"default": "suspend", "layers": {}},
     }

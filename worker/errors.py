@@ -21,6 +21,11 @@ and is treated as permanent, so a client is never left waiting.
         ├── NotTheOwner               the conversation or message id belongs to another owner;
         │                             refused before anything is read or written, with a code
         │                             that does not tell whether the other one exists
+        ├── ConversationAwaitingInput another message of the conversation waits for the user's
+        │                             answer to a question (ask_human); answer it first
+        ├── HumanInputRefused         an answer to a question that is not open (unknown message
+        │                             or call, answered already, expired) or does not fit it
+        ├── HumanInputExpired         the question was not answered in time; the message ends
         ├── RunRejected               4xx on create (422 validation, 401/403 auth, 404 …)
         ├── ProtocolViolation         undecodable frame, invalid event, oversize value
         ├── RunFailed                 run_failed with a permanent or unknown reason
@@ -148,6 +153,21 @@ class NotTheOwner(PermanentAgentError):
 
     code = "conversation_not_found"
     status = 404
+
+
+class ConversationAwaitingInput(PermanentAgentError):
+    code = "conversation_awaiting_input"
+    status = 409
+
+
+class HumanInputRefused(PermanentAgentError):
+    code = "human_input_refused"
+    status = 409
+
+
+class HumanInputExpired(PermanentAgentError):
+    code = "human_input_expired"
+    status = 410
 
 
 class RunRejected(PermanentAgentError):

@@ -260,6 +260,44 @@ def valid_message_id(raw: Any) -> str | None:
         return None
 
 
+class HumanInputRequest(_Strict):
+    """The user's answer to a question, as ``submit_human_input`` enqueues it.
+
+    It names the owner like a turn does: the worker hands a question's answer only to the
+    owner of the message that asked it.
+    """
+
+    schema_version: Literal[1] = PAYLOAD_SCHEMA_VERSION
+    tenant_id: Identifier
+    app_id: Identifier
+    user_id: Identifier
+    message_id: Identifier
+    tool_call_id: Annotated[Text, StringConstraints(min_length=1, max_length=128)]
+    action: Annotated[Text, StringConstraints(min_length=1, max_length=64)]
+    values: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("values")
+    @classmethod
+    def _values_are_text(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        _check_json_tree(value, 4)
+        ceiling = _limits(info).max_human_input_bytes
+        size = len(json.dumps(value, ensure_ascii=False).encode())
+        if size > ceiling:
+            raise _over_limit(f"{size} bytes, more than {ceiling}")
+        return value
+
+
+def parse_human_input(raw: Any, settings: Settings) -> HumanInputRequest:
+    """Validate an answer's payload; ``InvalidTurnPayload`` naming every problem at once."""
+    if not isinstance(raw, dict):
+        raise InvalidTurnPayload(f"human input must be a JSON object, not {type(raw).__name__}")
+    try:
+        return HumanInputRequest.model_validate(raw, context={"settings": settings})
+    except ValidationError as exc:
+        raise InvalidTurnPayload("invalid human input: " + _describe(exc),
+                                 message_id=valid_message_id(raw)) from None
+
+
 def valid_identifier(candidate: Any) -> str | None:
     """``candidate`` if it is a usable id (worker/payload.py's alphabet), else None."""
     try:

@@ -20,6 +20,7 @@ the log misses nothing (the SSE gateway, gateway/relay.py, does exactly that).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -39,6 +40,7 @@ from redis.exceptions import NoScriptError
 from config.settings import Settings, get_settings
 from worker.errors import EventBusUnavailable
 from worker.ownership import owner_key
+from worker.questions import question_key
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +433,29 @@ class EventBus:
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"recording the turn's owner failed: {exc}",
                                       message_id=message_id) from exc
+
+    def record_owner_if_none(self, message_id: str, fingerprint: str) -> bool:
+        """Record the owner unless one is recorded already; whether this call recorded it."""
+        try:
+            return bool(self.redis.set(owner_key(message_id), fingerprint, nx=True,
+                                       ex=self._state_ttl))
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"recording the turn's owner failed: {exc}",
+                                      message_id=message_id) from exc
+
+    def record_question(self, message_id: str, question: dict[str, Any], *,
+                        ttl_seconds: int) -> None:
+        """The open question of a message, for a producer to check an answer against before
+        it enqueues one (the worker checks again against the store, which decides)."""
+        try:
+            self.redis.set(question_key(message_id), json.dumps(question), ex=ttl_seconds)
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"recording the turn's question failed: {exc}",
+                                      message_id=message_id) from exc
+
+    def forget_question(self, message_id: str) -> None:
+        with contextlib.suppress(redis.RedisError):
+            self.redis.delete(question_key(message_id))
 
     def owner_of(self, message_id: str) -> str | None:
         """The recorded owner's fingerprint of a message, or None if none is recorded."""

@@ -76,6 +76,7 @@ class _Step:
     tool_input: str = ""
     observation: str = ""
     thinking_index: int | None = None
+    fixed_id: str | None = None
 
 
 @dataclass
@@ -116,6 +117,24 @@ class StepTracker:
     def steps(self) -> list[AgentStep]:
         """Every step shown so far, in order (what the store keeps with the message)."""
         return [self._shown[position] for position in sorted(self._shown)]
+
+    def resume(self, shown: list[AgentStep], *, tool_call_id: str, run_key: str) -> None:
+        """Continue a message whose earlier leg showed ``shown`` and asked a question.
+
+        The steps keep their ids and positions; the question's step (the last ``ask_human``
+        step) is the one the answer's ``function_tool_result`` completes.
+        """
+        self.restart(run_key)
+        for step in shown:
+            self._steps.append(_Step(position=step.position, thought=step.thought,
+                                     tool=step.tool, tool_input=step.tool_input,
+                                     observation=step.observation, fixed_id=step.id))
+            self._shown[step.position] = step
+            self._display[step.position] = step.position
+        asking = [step for step in self._steps if step.tool == "ask_human"]
+        if asking:
+            asking[-1].tool_call_id = tool_call_id
+            self._by_call[tool_call_id] = asking[-1]
 
     def restart(self, run_key: str) -> None:
         """A new run answers the message from scratch: its steps replace the old ones."""
@@ -184,7 +203,7 @@ class StepTracker:
         return self._show(step)
 
     def _new_step(self) -> _Step:
-        step = _Step(position=len(self._steps) + 1)
+        step = _Step(position=max((known.position for known in self._steps), default=0) + 1)
         self._steps.append(step)
         return step
 
@@ -201,8 +220,9 @@ class StepTracker:
             return None
         limit = exposure.max_field_chars
         visible = AgentStep(
-            id=str(uuid.uuid5(_STEP_NAMESPACE, f"{self.message_id}/{self.run_key}/"
-                                               f"{step.position}")),
+            id=step.fixed_id or str(uuid.uuid5(_STEP_NAMESPACE, f"{self.message_id}/"
+                                                                f"{self.run_key}/"
+                                                                f"{step.position}")),
             position=self._display.setdefault(step.position, len(self._display) + 1),
             thought=_cut(thought, limit),
             tool=_cut(shown_tool, 128),

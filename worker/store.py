@@ -15,7 +15,7 @@ costs a retry, not an answer.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +40,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from worker.errors import AgentBackendError, NotTheOwner, SnapshotConflict, TurnStoreUnavailable
+from worker.errors import (
+    AgentBackendError,
+    HumanInputRefused,
+    NotTheOwner,
+    SnapshotConflict,
+    TurnStoreUnavailable,
+)
 
 if TYPE_CHECKING:
     from worker.steps import AgentStep
@@ -53,7 +59,11 @@ def _now() -> datetime:
 
 
 class MessageStatus(enum.StrEnum):
-    """A turn's state machine: queued → running ⇄ retrying → succeeded | failed | stopped."""
+    """A turn's state machine: queued → running ⇄ retrying → succeeded | failed | stopped.
+
+    A run that asks the user a question moves the message to ``awaiting_input``; the answer's
+    continuation moves it back to ``running`` (and on), expiry to ``failed``.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -61,6 +71,7 @@ class MessageStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"
+    AWAITING_INPUT = "awaiting_input"
 
 
 FINISHED_STATUSES = frozenset({MessageStatus.SUCCEEDED, MessageStatus.FAILED,
@@ -124,6 +135,10 @@ class AssistantMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # While a question is open, and through its continuation: the question, the answer once
+    # given, the run's snapshot to resume from and the turn's payload (worker/questions.py).
+    pending_input: Mapped[dict[str, Any] | None] = mapped_column(JsonColumn)
+    input_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AgentThought(Base):
@@ -166,6 +181,8 @@ class MessageState:
     created_at: datetime
     error_code: str | None
     error: str | None
+    pending_input: dict[str, Any] | None = None
+    input_expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +314,8 @@ class SessionStore:
     def begin_attempt(self, new: NewMessage) -> MessageState:
         """Count one more attempt at a turn, creating its message row on the first.
 
-        A finished turn (succeeded, failed for good or stopped) is returned as it is: a
-        redelivered message must not start it again.
+        A finished turn (succeeded, failed for good or stopped), or one waiting for the
+        user's answer, is returned as it is: a redelivered message must not start it again.
         """
         with self._transaction(new.message_id) as session:
             row = session.get(AssistantMessage, new.message_id, with_for_update=True)
@@ -306,7 +323,8 @@ class SessionStore:
                 row = _new_row(new, MessageStatus.RUNNING)
                 row.attempts = 1
                 session.add(row)
-            elif row.status not in FINISHED_STATUSES:
+            elif row.status not in FINISHED_STATUSES \
+                    and row.status != MessageStatus.AWAITING_INPUT:
                 row.attempts += 1
                 row.status = MessageStatus.RUNNING
                 row.task_id = new.task_id
@@ -433,6 +451,93 @@ class SessionStore:
                         finished_at=now if final else None)
             )
 
+    def mark_awaiting_input(self, message_id: str, *, pending: dict[str, Any],
+                            partial_answer: str, steps: Sequence[AgentStep],
+                            expires_at: datetime) -> None:
+        """End a leg of the turn with a question: what resuming takes, in one transaction."""
+        with self._transaction(message_id) as session:
+            _replace_steps(session, message_id, steps)
+            result = session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == message_id,
+                       AssistantMessage.status.not_in(list(FINISHED_STATUSES)))
+                .values(status=MessageStatus.AWAITING_INPUT, pending_input=pending,
+                        input_expires_at=expires_at, answer=partial_answer,
+                        updated_at=_now()))
+            if result.rowcount != 1:
+                raise AgentBackendError("the turn's message row is missing or ended; nothing "
+                                        "saved", message_id=message_id)
+
+    def take_answer(self, message_id: str, *, owner: tuple[str, str, str], task_id: str,
+                    accept: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """Move a waiting message back to running with its answer, exactly once.
+
+        ``accept`` checks the answer against the stored question and returns it (or raises,
+        and nothing is written). The same continuation task, redelivered or retried, takes
+        its answer again; any other finds the question closed (``HumanInputRefused``).
+        """
+        now = _now()
+        with self._transaction(message_id) as session:
+            row = session.get(AssistantMessage, message_id, with_for_update=True)
+            if row is None or (row.tenant_id, row.app_id, row.user_id) != owner:
+                raise HumanInputRefused("no such message is waiting for an answer",
+                                        message_id=message_id)
+            pending = dict(row.pending_input or {})
+            if row.status not in FINISHED_STATUSES and pending.get("resume_task_id") == task_id:
+                row.attempts += 1
+                row.status = MessageStatus.RUNNING
+                row.updated_at = now
+                return pending
+            if row.status != MessageStatus.AWAITING_INPUT:
+                raise HumanInputRefused(f"the message is {row.status}, not awaiting input",
+                                        message_id=message_id)
+            expires_at = row.input_expires_at
+            if expires_at is not None and expires_at.replace(tzinfo=expires_at.tzinfo or UTC) \
+                    <= now:
+                raise HumanInputRefused("the question has expired", message_id=message_id)
+            pending["answer"] = accept(pending)
+            pending["resume_task_id"] = task_id
+            row.pending_input = pending
+            row.status = MessageStatus.RUNNING
+            row.task_id = task_id
+            row.attempts += 1
+            row.updated_at = now
+            return pending
+
+    def expire_questions(self, now: datetime | None = None) -> list[AssistantMessage]:
+        """End every question past its expiry as failed; each is returned by one caller only."""
+        now = now or _now()
+        with Session(self.engine, expire_on_commit=False) as session, \
+                self._translate_errors():
+            due = list(session.scalars(
+                select(AssistantMessage)
+                .where(AssistantMessage.status == MessageStatus.AWAITING_INPUT,
+                       AssistantMessage.input_expires_at <= now)
+                .limit(100)))
+        expired = []
+        for row in due:
+            with self._transaction(row.message_id) as session:
+                result = session.execute(
+                    update(AssistantMessage)
+                    .where(AssistantMessage.message_id == row.message_id,
+                           AssistantMessage.status == MessageStatus.AWAITING_INPUT)
+                    .values(status=MessageStatus.FAILED, error_code="human_input_expired",
+                            error="the question was not answered in time",
+                            pending_input=None, updated_at=now, finished_at=now))
+            if result.rowcount == 1:
+                expired.append(row)
+        return expired
+
+    def awaiting_input_in(self, conversation_id: str, *, besides: str) -> str | None:
+        """The message of the conversation that waits for an answer, other than ``besides``."""
+        with self._translate_errors(), Session(self.engine) as session:
+            return session.scalar(
+                select(AssistantMessage.message_id)
+                .where(AssistantMessage.conversation_id == conversation_id,
+                       AssistantMessage.status == MessageStatus.AWAITING_INPUT,
+                       AssistantMessage.message_id != besides)
+                .limit(1))
+
     def save_steps(self, message_id: str, steps: Sequence[AgentStep]) -> None:
         """Keep the steps a failed attempt showed (the next attempt's replace them)."""
         with self._transaction(message_id) as session:
@@ -490,4 +595,5 @@ def _state_of(row: AssistantMessage) -> MessageState:
     return MessageState(status=row.status, attempts=row.attempts, run_id=row.run_id,
                         run_count=row.run_count, base_version=row.base_version,
                         answer=row.answer, usage=row.usage, created_at=row.created_at,
-                        error_code=row.error_code, error=row.error)
+                        error_code=row.error_code, error=row.error,
+                        pending_input=row.pending_input, input_expires_at=row.input_expires_at)

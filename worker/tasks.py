@@ -12,9 +12,10 @@ import gc
 import logging
 import random
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Task
@@ -22,18 +23,37 @@ from celery.exceptions import Reject
 from celery.signals import task_revoked, worker_init, worker_ready
 from celery.worker.request import Request
 
-from config.celery import TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
+from config.celery import RESUME_TASK_NAME, TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
 from config.settings import Settings, get_settings
 from worker import metrics
 from worker.app import app
 from worker.composition import CompositionTemplateError, load_template
-from worker.errors import AgentBackendError, ConversationBusy, InvalidTurnPayload, NotTheOwner
+from worker.errors import (
+    AgentBackendError,
+    ConversationBusy,
+    HumanInputExpired,
+    HumanInputRefused,
+    InvalidTurnPayload,
+    NotTheOwner,
+)
 from worker.logs import excerpt, log_stage
 from worker.ownership import owner_fingerprint, refusal_stream
-from worker.payload import TurnPayload, parse_turn, valid_identifier, valid_message_id
+from worker.payload import (
+    TurnPayload,
+    parse_human_input,
+    parse_turn,
+    valid_identifier,
+    valid_message_id,
+)
 from worker.progress import ProgressReporter, TurnProgress
 from worker.publisher import EventBus, TurnIds
-from worker.turn import TurnServices, end_stopped_before_running, get_services, run_turn
+from worker.turn import (
+    TurnServices,
+    end_stopped_before_running,
+    get_services,
+    resume_turn,
+    run_turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +190,100 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         failure = AgentBackendError(f"internal error: {type(exc).__name__}",
                                     message_id=payload.message_id)
 
-    attempts_done = failure.attempts or self.request.retries + 1
+    _retry_or_fail(self, services, _ids(payload, task_id), failure, progress, _shown(turn))
+
+
+def _retry_or_fail(task: Task, services: TurnServices, ids: TurnIds, failure: AgentBackendError,
+                   progress: TurnProgress, shown: dict[str, str]) -> NoReturn:
+    """Retry a failed attempt while the budget lasts, else end the turn with its error."""
+    settings = services.settings
+    attempts_done = failure.attempts or task.request.retries + 1
     if failure.retryable and not isinstance(failure, ConversationBusy) \
             and attempts_done <= settings.max_retries:
         delay = retry_delay(attempts_done - 1, settings)
-        log.warning("turn %s attempt %d failed, retrying in %.1fs: %s", payload.message_id,
+        log.warning("turn %s attempt %d failed, retrying in %.1fs: %s", ids.message_id,
                     attempts_done, delay, failure)
         progress.failed(failure.code, retrying=True, delay=delay)
-        _record_failure(services, payload, failure, final=False)
-        raise _retry(self, exc=failure, countdown=delay, **_shown(turn))
-    log.error("turn %s failed for good after %d attempt(s): %s", payload.message_id,
+        _record_failure(services, ids.message_id, failure, final=False)
+        raise _retry(task, exc=failure, countdown=delay, **shown)
+    log.error("turn %s failed for good after %d attempt(s): %s", ids.message_id,
               attempts_done, failure)
     progress.failed(failure.code, retrying=False)
-    _record_failure(services, payload, failure, final=True)
-    _publish_error(services, _ids(payload, task_id), failure)
+    _record_failure(services, ids.message_id, failure, final=True)
+    _publish_error(services, ids, failure)
     raise failure
+
+
+@app.task(name=RESUME_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)
+def resume_turn_task(self: Task, *args: Any, answer: Any = None,
+                     **unexpected: Any) -> dict[str, Any]:
+    """The continuation of a message after its user answered the question it asked.
+
+    Refusals (an invalid answer, a question already answered or closed, another owner) end
+    this task in FAILURE and publish nothing: the message's stream belongs to the turn, which
+    goes on waiting for a valid answer or its expiry.
+    """
+    settings = get_settings()
+    task_id = self.request.id
+    services = get_services(settings)
+    try:
+        if args or unexpected:
+            raise InvalidTurnPayload("the task takes one keyword argument, answer")
+        request = parse_human_input(answer, settings)
+    except InvalidTurnPayload as exc:
+        log.warning("answer rejected (task %s): %s", task_id, exc)
+        raise
+    message = services.store.get_message(request.message_id)
+    ids = TurnIds(task_id, request.message_id, message.conversation_id if message else "")
+    progress = TurnProgress(ids, reporter=_progress_reporter(self.request.hostname or ""),
+                            interval_seconds=settings.progress_interval_seconds)
+    log_stage("resumed", task_id=task_id, message_id=request.message_id,
+              retries=self.request.retries)
+    try:
+        return resume_turn(request, task_id=task_id, services=services,
+                           progress=progress).summary()
+    except HumanInputRefused as refused:
+        log.warning("answer to turn %s refused (task %s): %s", request.message_id, task_id,
+                    refused)
+        raise
+    except ConversationBusy as busy:
+        raise _retry(self, exc=busy, countdown=settings.conversation_wait_retry_seconds,
+                     max_retries=None) from None
+    except AgentBackendError as exc:
+        failure: AgentBackendError = exc.with_ids(message_id=request.message_id)
+    except Exception as exc:
+        log.exception("continuation of turn %s hit an unexpected error", request.message_id)
+        failure = AgentBackendError(f"internal error: {type(exc).__name__}",
+                                    message_id=request.message_id)
+    _retry_or_fail(self, services, ids, failure, progress, {})
+
+
+@worker_ready.connect
+def _start_question_sweeper(**_: Any) -> None:
+    threading.Thread(target=_sweep_expired_questions, name="question-sweeper",
+                     daemon=True).start()
+
+
+def _sweep_expired_questions() -> None:
+    """End the questions nobody answered in time, each with one ``human_input_expired``.
+
+    Every worker process sweeps; the store hands each expired message to one of them only.
+    """
+    settings = get_settings()
+    while True:
+        time.sleep(settings.question_sweep_seconds)
+        try:
+            services = get_services(settings)
+            for row in services.store.expire_questions():
+                services.bus.forget_question(row.message_id)
+                log.info("question of turn %s expired unanswered", row.message_id)
+                _publish_error(services, TurnIds(row.task_id, row.message_id,
+                                                 row.conversation_id),
+                               HumanInputExpired("the question was not answered in time",
+                                                 message_id=row.message_id))
+        except Exception:
+            log.warning("sweeping expired questions failed; trying again", exc_info=True)
 
 
 class StreamingState:
@@ -300,18 +399,20 @@ def _raw_owner(turn: Any) -> str:
 
 
 def _error_ids(bus: EventBus, task_id: str, message_id: str, turn: Any) -> TurnIds:
-    """Where the error of a turn that was not validated goes: the message's own channel,
-    unless a turn of that message id was already claimed (by another owner, whose clients
-    must not see it, or by the same one, whose turn has its own end): then the sender's
-    refusal stream."""
+    """Where the error of a turn that was not validated goes.
+
+    On the message's own channel when no turn of that message id has an owner yet: the sender
+    is recorded as its owner first, so the gateway relays the error to the sender's stream
+    token. Otherwise (another owner's message, whose clients must not see it, or the same
+    owner's, whose turn has its own end) on the sender's refusal stream.
+    """
     ids = _raw_ids(task_id, message_id, turn)
+    sender = _raw_owner(turn)
     try:
-        recorded = bus.owner_of(message_id)
+        first = bus.record_owner_if_none(message_id, sender)
     except AgentBackendError:
-        recorded = None  # publishing will fail the same way and say so
-    if recorded is not None:
-        return replace(ids, stream=refusal_stream(message_id, _raw_owner(turn)))
-    return ids
+        first = True  # publishing will fail the same way and say so
+    return ids if first else replace(ids, stream=refusal_stream(message_id, sender))
 
 
 def _refuse_not_owned(services: TurnServices, payload: TurnPayload, task_id: str,
@@ -330,13 +431,13 @@ def _ids(payload: TurnPayload, task_id: str) -> TurnIds:
     return TurnIds(task_id, payload.message_id, payload.conversation_id)
 
 
-def _record_failure(services: TurnServices, payload: TurnPayload, failure: AgentBackendError,
+def _record_failure(services: TurnServices, message_id: str, failure: AgentBackendError,
                     *, final: bool) -> None:
     try:
-        services.store.mark_unfinished(payload.message_id, final=final, code=failure.code,
+        services.store.mark_unfinished(message_id, final=final, code=failure.code,
                                        error=str(failure))
     except AgentBackendError as exc:
-        log.error("could not record the failure of turn %s: %s", payload.message_id, exc)
+        log.error("could not record the failure of turn %s: %s", message_id, exc)
 
 
 def _publish_error_without_services(settings: Settings, task_id: str, turn: Any,

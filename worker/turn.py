@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
@@ -30,6 +31,7 @@ from worker.errors import (
     TRANSIENT_RUN_FAILURE_REASONS,
     AgentBackendError,
     BackendUnavailable,
+    ConversationAwaitingInput,
     ConversationBusy,
     ProtocolViolation,
     RunCancelled,
@@ -41,9 +43,16 @@ from worker.errors import (
     status_for_code,
 )
 from worker.locks import ConversationLocks
-from worker.payload import TurnPayload
+from worker.payload import HumanInputRequest, TurnPayload
 from worker.progress import TurnProgress
 from worker.publisher import EventBus, TurnIds, TurnPublisher
+from worker.questions import (
+    ASK_HUMAN_TOOL,
+    HumanAnswer,
+    PendingQuestion,
+    check_answer,
+    question_from_call,
+)
 from worker.steps import AgentStep, StepExposure, StepTracker
 from worker.store import (
     FINISHED_STATUSES,
@@ -155,6 +164,13 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
     # message raises NotTheOwner here, and the task refuses it on a stream of its own.
     services.store.claim(new)
     services.bus.record_owner(turn.message_id, turn.owner)
+    # A question waiting for the user's answer holds its conversation: a turn sent meanwhile
+    # would start from a snapshot the answer's continuation is about to replace.
+    waiting = services.store.awaiting_input_in(turn.conversation_id, besides=turn.message_id)
+    if waiting is not None:
+        raise ConversationAwaitingInput(
+            f"conversation {turn.conversation_id} waits for the answer to the question of "
+            f"message {waiting}", message_id=turn.message_id)
     control = services.supervisor.register(
         task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
     try:
@@ -214,6 +230,8 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     state = services.store.begin_attempt(new)
     if state.status in FINISHED_STATUSES:
         return _re_emit_end(turn, state, publisher)
+    if state.status == MessageStatus.AWAITING_INPUT:
+        return _re_emit_question(turn, state, publisher)
     progress.attempt_started(state.attempts)
     streamed = StreamedAnswer()
     steps = StepTracker(turn.message_id, _exposure(turn, services.settings))
@@ -238,12 +256,10 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             services.supervisor.cancel_run_soon(control)
         terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
                                  streamed, progress, steps, skip_chars)
-        output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
-        answer = answer_text(output)
-        if len(answer) > services.settings.max_answer_chars:
-            raise ProtocolViolation(
-                f"the answer exceeds {services.settings.max_answer_chars} characters",
-                run_id=run_id, message_id=turn.message_id)
+        question = _question_of(terminal, run_id, turn.message_id)
+        if question is None:
+            output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+            answer = _checked_answer(output, services.settings, run_id, turn.message_id)
     except AgentBackendError as exc:
         exc.attempts = state.attempts
         if control.stop_reason == STOPPED:
@@ -259,6 +275,27 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             ).counting(state.attempts) from None
         raise
 
+    if question is not None:
+        return _ask(turn, publisher, services, progress, question, terminal=terminal,
+                    run_id=run_id, base_version=base_version, streamed=streamed, steps=steps)
+    return _succeed(turn, publisher, services, progress, answer=answer, snapshot=snapshot,
+                    usage=usage, run_id=run_id, base_version=base_version, streamed=streamed,
+                    steps=steps)
+
+
+def _checked_answer(output: Any, settings: Settings, run_id: str, message_id: str) -> str:
+    answer = answer_text(output)
+    if len(answer) > settings.max_answer_chars:
+        raise ProtocolViolation(f"the answer exceeds {settings.max_answer_chars} characters",
+                                run_id=run_id, message_id=message_id)
+    return answer
+
+
+def _succeed(turn: TurnPayload, publisher: TurnPublisher, services: TurnServices,
+             progress: TurnProgress, *, answer: str, snapshot: dict[str, Any] | None,
+             usage: dict[str, Any] | None, run_id: str, base_version: int,
+             streamed: StreamedAnswer, steps: StepTracker) -> TurnOutcome:
+    """Save the answer (snapshot, message and steps together), then tell the client."""
     if answer != streamed.text():
         publisher.replace(answer)
     services.store.save_success(
@@ -271,6 +308,168 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     progress.ended(MessageStatus.SUCCEEDED, chunks=publisher.chunks_published,
                    chars=len(answer))
     return TurnOutcome(turn.message_id, run_id, answer, usage, publisher.chunks_published)
+
+
+def _question_of(terminal: RunEvent, run_id: str, message_id: str) -> PendingQuestion | None:
+    """The question a succeeded run asks instead of answering, if it does."""
+    data = terminal.data
+    if terminal.type != "run_succeeded" or "output" in data or "deferred_tool_call" not in data:
+        return None
+    question = question_from_call(data["deferred_tool_call"], run_id=run_id,
+                                  message_id=message_id)
+    if question.tool_name != ASK_HUMAN_TOOL:
+        raise RunFailed(f"the run asked for a deferred call of {question.tool_name!r}, which "
+                        "chat turns do not serve", run_id=run_id, message_id=message_id)
+    return question
+
+
+def _ask(turn: TurnPayload, publisher: TurnPublisher, services: TurnServices,
+         progress: TurnProgress, question: PendingQuestion, *, terminal: RunEvent,
+         run_id: str, base_version: int, streamed: StreamedAnswer,
+         steps: StepTracker) -> TurnOutcome:
+    """End this leg with the question: save what resuming takes, then tell the client.
+
+    The worker slot and the conversation lease are freed when this returns; the message
+    waits (``awaiting_input``) until an answer's continuation or the expiry ends it.
+    """
+    settings = services.settings
+    expires_at = datetime.now(UTC) + timedelta(seconds=settings.human_input_ttl_seconds)
+    pending = {"question": question.as_json(),
+               "snapshot": terminal.data.get("session_snapshot"),
+               "base_version": base_version, "turn": turn.model_dump(mode="json"),
+               "leg_run_id": run_id, "streamed": streamed.text()}
+    services.store.mark_awaiting_input(turn.message_id, pending=pending,
+                                       partial_answer=streamed.text(), steps=steps.steps(),
+                                       expires_at=expires_at)
+    services.bus.record_question(turn.message_id, {
+        **question.as_json(), "actions": question.actions,
+        "expires_at": int(expires_at.timestamp())},
+        ttl_seconds=int(settings.human_input_ttl_seconds) + 60)
+    publisher.event("human_input_required", question.event_fields(expires_at))
+    progress.ended(MessageStatus.AWAITING_INPUT, chunks=publisher.chunks_published,
+                   chars=streamed.chars)
+    return TurnOutcome(turn.message_id, run_id, streamed.text(), None,
+                       publisher.chunks_published, status=MessageStatus.AWAITING_INPUT.value)
+
+
+def _re_emit_question(turn: TurnPayload, state: MessageState,
+                      publisher: TurnPublisher) -> TurnOutcome:
+    """A redelivered turn that asked already: say the question again (a client keys it by
+    its ``tool_call_id``), start nothing."""
+    pending = state.pending_input or {}
+    question = PendingQuestion.from_json(pending["question"])
+    expires_at = state.input_expires_at or datetime.now(UTC)
+    if expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    publisher.event("human_input_required", question.event_fields(expires_at))
+    return TurnOutcome(turn.message_id, state.run_id, state.answer or "", None, 0,
+                       status=MessageStatus.AWAITING_INPUT.value, replayed=True)
+
+
+def resume_turn(answer: HumanInputRequest, *, task_id: str, services: TurnServices,
+                progress: TurnProgress) -> TurnOutcome:
+    """The continuation of a message after the user answered its question.
+
+    The answer is taken exactly once (``SessionStore.take_answer``: a second answer, or one
+    to a question that is closed, is refused); then a new run starts from the question's
+    snapshot with ``deferred_tool_results`` and streams on the same message: the same channel,
+    seqs going on, one ``message_end`` for the whole message. A continuation redelivered after
+    a crash re-attaches to the run it had started.
+    """
+    settings = services.settings
+
+    def accept(pending: dict[str, Any]) -> dict[str, Any]:
+        return check_answer(PendingQuestion.from_json(pending["question"]),
+                            tool_call_id=answer.tool_call_id, action=answer.action,
+                            values=answer.values, max_bytes=settings.max_human_input_bytes,
+                            message_id=answer.message_id).as_json()
+
+    pending = services.store.take_answer(
+        answer.message_id, owner=(answer.tenant_id, answer.app_id, answer.user_id),
+        task_id=task_id, accept=accept)
+    turn = TurnPayload.model_validate(pending["turn"], context={"settings": settings})
+    services.bus.forget_question(turn.message_id)
+    ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
+    publisher = services.bus.turn(ids)
+    control = services.supervisor.register(task_id, turn.message_id,
+                                           deadline_seconds=settings.turn_deadline_seconds)
+    try:
+        lease = services.locks.acquire(turn.conversation_id, turn.message_id)
+        if lease is None:
+            raise ConversationBusy(f"conversation {turn.conversation_id} has a turn running",
+                                   message_id=turn.message_id)
+        control.lease = lease
+        try:
+            return _continue(turn, pending, publisher, control, services, progress)
+        finally:
+            services.locks.release(lease)
+    finally:
+        services.supervisor.unregister(control)
+
+
+def _continue(turn: TurnPayload, pending: dict[str, Any], publisher: TurnPublisher,
+              control: TurnControl, services: TurnServices,
+              progress: TurnProgress) -> TurnOutcome:
+    new = _new_message(turn, publisher.ids.task_id)
+    human = HumanAnswer.from_json(pending["answer"])
+    base_version = int(pending["base_version"])
+    streamed = StreamedAnswer()
+    streamed.append(pending.get("streamed") or "")
+    steps = StepTracker(turn.message_id, _exposure(turn, services.settings))
+    shown = [AgentStep(row.step_id, row.position, row.thought, row.tool, row.tool_input,
+                       row.observation) for row in services.store.list_steps(turn.message_id)]
+    try:
+        state = services.store.get_message(turn.message_id)
+        run_id: str | None = None
+        if state is not None and state.run_id and state.run_id != pending["leg_run_id"]:
+            try:
+                status = services.backend.get_run(state.run_id).get("status")
+            except RunRejected:
+                status = None
+            if status in REATTACHABLE_RUN_STATES:
+                run_id = state.run_id
+        skip_chars = 0
+        if run_id is not None:
+            client = services.bus.client_text(turn.message_id)
+            skip_chars = max(0, client.chars - streamed.chars) if client.resumable else 0
+        else:
+            run_number = (state.run_count if state is not None else 0) + 1
+            body = build_run_request(turn, services.template, services.settings,
+                                     session_snapshot=pending.get("snapshot"),
+                                     run_number=run_number,
+                                     deferred_tool_results=human.deferred_tool_results())
+            run_id = services.backend.create_run(body, message_id=turn.message_id)
+            services.store.record_run(turn.message_id, run_id=run_id, run_count=run_number,
+                                      base_version=base_version)
+        steps.resume(shown, tool_call_id=human.tool_call_id, run_key=run_id)
+        progress.run_started(run_id, reattached=skip_chars > 0, seconds=0.0)
+        control.run_id = run_id
+        if control.stopped:
+            services.supervisor.cancel_run_soon(control)
+        terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
+                                 streamed, progress, steps, skip_chars)
+        question = _question_of(terminal, run_id, turn.message_id)
+        if question is None:
+            output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+            answer = _checked_answer(output, services.settings, run_id, turn.message_id)
+    except AgentBackendError:
+        if control.stop_reason == STOPPED:
+            return _end_stopped(new, publisher, services, progress,
+                                partial_answer=streamed.text(), run_id=control.run_id,
+                                steps=steps.steps())
+        publisher.discard()
+        _keep_steps(services, turn.message_id, steps)
+        if control.stop_reason == DEADLINE:
+            raise TurnTimedOut(
+                f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
+                run_id=control.run_id, message_id=turn.message_id) from None
+        raise
+    if question is not None:
+        return _ask(turn, publisher, services, progress, question, terminal=terminal,
+                    run_id=run_id, base_version=base_version, streamed=streamed, steps=steps)
+    return _succeed(turn, publisher, services, progress, answer=answer, snapshot=snapshot,
+                    usage=usage, run_id=run_id, base_version=base_version, streamed=streamed,
+                    steps=steps)
 
 
 def _re_emit_end(turn: TurnPayload, state: MessageState,
@@ -423,7 +622,6 @@ def _successful_result(
     if terminal.type == "run_cancelled":
         raise RunCancelled(f"the backend cancelled the run ({data.get('reason')})", **ids)
     if "output" not in data:
-        raise RunFailed("the run asked for a deferred tool call, which chat turns do not serve",
-                        **ids)
+        raise ProtocolViolation("the run succeeded with neither output nor a question", **ids)
     return data.get("output"), data.get("session_snapshot"), data.get("usage")
 
