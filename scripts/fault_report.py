@@ -27,6 +27,48 @@ SECTIONS = {
 }
 
 
+# What each hostile case of issue 12 now ends in; every row is asserted by the tests named.
+HOSTILE_CASES = [
+    "## Hostile input and other owners: the cases and what they end in",
+    "",
+    "| case | outcome | tested by |",
+    "| --- | --- | --- |",
+    "| tenant B names tenant A's conversation | one `error` `conversation_not_found` (404) on "
+    "B's refusal stream; no run, A's snapshot and messages untouched | test_ownership: "
+    "another owners conversation |",
+    "| B names A's finished message id | refused the same way; A's channel gets nothing, no "
+    "replay of A's answer | test_ownership: finished message id |",
+    "| B names A's running message id | refused; A's stream has one end, every delta once | "
+    "test_ownership: running message id |",
+    "| B's token for A's message at the gateway | only B's own refusal, never a frame of A's "
+    "turn | test_gateway: another owners token |",
+    "| lone surrogate in `conversation_id` with a valid `message_id` | one `invalid_param`, "
+    "the id left out of the event | test_faults: invalid conversation id |",
+    "| lone surrogate or NUL or control characters in the query, prompt, stop words or "
+    "`inputs` | one `invalid_param`, no row (SQLite and PostgreSQL) | test_faults: bad payload "
+    "|",
+    "| `schema_version: true`, `inputs` nested 40 deep | one `invalid_param` | test_faults: bad "
+    "payload |",
+    "| body not JSON, `kwargs` a list, nesting 10,000 deep | task FAILURE in the result "
+    "backend, one bounded log line, never PENDING; the worker serves the next turn | "
+    "test_faults: cannot be read |",
+    "| key with `\\n` and a fake log line; 60 KB id | escaped and cut in the log; refusal "
+    "≤ 1,000 characters | test_faults: forge, excerpt; test_logs |",
+    "| gateway path with `%0D%0A`; 6,000-character id | escaped, cut at 512 | test_gateway: "
+    "forge |",
+    "| `after=999` / `Last-Event-ID` past a finished turn's end | 204 at once | test_gateway: "
+    "resume point at or past the end |",
+    "| `Last-Event-ID` of 2^64+1 or 4,000 digits, `+2`, ` 3 `, `1_0` | 400 `invalid_param` | "
+    "test_gateway: not a strict seq |",
+    "| a token for a turn that never publishes | `turn_not_started` frame after the wait | "
+    "test_gateway: never starts |",
+    "| HEAD on a live turn | headers at once | test_gateway: head |",
+    "| 240 generated hostile payloads | one terminal event per usable id, no row when "
+    "invalid, nothing across owners | test_faults: generated hostile payloads |",
+    "",
+]
+
+
 def run(junit: Path) -> int:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                f"--junitxml={junit}", *FAULT_MODULES]
@@ -70,6 +112,7 @@ def render(junit: Path, exit_code: int) -> str:
         "asserts.",
         "",
     ]
+    lines += HOSTILE_CASES
     for module, title in SECTIONS.items():
         if not rows.get(module):
             continue
