@@ -250,6 +250,18 @@ class TurnListener:
                 return self.events
         raise AssertionError(f"no message_end or error within {timeout}s; got {self.events}")
 
+    def wait_for(self, *kinds: str, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
+        """Collect events until one of these kinds (or an end) arrives; return that event."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is None:
+                continue
+            self.events.append(json.loads(message["data"]))
+            if self.events[-1]["event"] in (*kinds, "message_end", "error"):
+                return self.events[-1]
+        raise AssertionError(f"no {kinds} within {timeout}s; got {self.events}")
+
     def drain_quietly(self, seconds: float) -> None:
         """Collect anything published shortly after the end (there should be nothing)."""
         deadline = time.monotonic() + seconds

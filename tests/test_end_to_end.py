@@ -165,20 +165,6 @@ def test_object_output_without_answer_field_becomes_compact_json(
 # A question to the user, answered --------------------------------------------------------
 
 
-def _until_question(listener: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
-    import json
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-        if message is not None:
-            listener.events.append(json.loads(message["data"]))
-            if listener.events[-1]["event"] in ("human_input_required", "message_end", "error"):
-                return listener.events
-    raise AssertionError(f"no question within {timeout}s: {listener.events}")
-
-
 def test_a_question_pauses_the_turn_and_the_answer_resumes_it_on_the_same_message(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
@@ -188,7 +174,7 @@ def test_a_question_pauses_the_turn_and_the_answer_resumes_it_on_the_same_messag
     turn = make_turn(query="CALL_TOOL:ask_human when ready")
     listener = listen(turn["message_id"])
     submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
-    asked = _until_question(listener)[-1]
+    asked = listener.wait_for("human_input_required")
 
     assert asked["event"] == "human_input_required" and asked["tool_name"] == "ask_human"
     assert asked["args"]["question"] == "Please confirm: CALL_TOOL:ask_human when ready"
@@ -221,7 +207,7 @@ def test_a_turn_sent_while_its_conversation_awaits_an_answer_is_refused(
     asking = make_turn(query="CALL_TOOL:ask_human now")
     listener = listen(asking["message_id"])
     submit_turn(asking, celery_app=producer_app, settings=celery_worker.settings)
-    _until_question(listener)
+    assert listener.wait_for("human_input_required")["event"] == "human_input_required"
 
     follow = make_turn(conversation_id=asking["conversation_id"], query="hello?")
     events = run_turn_and_wait(follow, listen, producer_app, celery_worker)

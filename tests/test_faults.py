@@ -586,24 +586,13 @@ def test_generated_hostile_payloads_each_end_once_and_never_cross_owners(
 # Questions to the user: duplicates and expiry --------------------------------------------
 
 
-def _asked(turn: dict[str, Any], listener: TurnListener, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-        if message is not None:
-            listener.events.append(json.loads(message["data"]))
-            if listener.events[-1]["event"] == "human_input_required":
-                return listener.events[-1]
-    raise AssertionError(f"turn {turn['message_id']} asked nothing: {listener.events}")
-
-
 def test_an_answer_enqueued_twice_makes_one_continuation_run(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
     turn = make_turn(query="CALL_TOOL:ask_human twice")
     listener = listen(turn["message_id"])
     submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
-    asked = _asked(turn, listener)
+    asked = listener.wait_for("human_input_required")
     answer = {"tenant_id": turn["tenant_id"], "app_id": turn["app_id"],
               "user_id": turn["user_id"], "message_id": turn["message_id"],
               "tool_call_id": asked["tool_call_id"], "action": "submit",
@@ -633,7 +622,7 @@ def test_an_unanswered_question_expires_with_one_error_and_refuses_a_late_answer
         turn = make_turn(query="CALL_TOOL:ask_human and wait")
         listener = listen(turn["message_id"])
         submit_turn(turn, celery_app=producer_app, settings=settings)
-        asked = _asked(turn, listener)
+        asked = listener.wait_for("human_input_required")
 
         error = assert_single_end(listener.wait_for_end(timeout=15), "error")
         assert (error["code"], error["status"]) == ("human_input_expired", 410)

@@ -10,7 +10,6 @@ and the rightful owner's turn streams exactly as if nothing had happened.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import redis
@@ -102,7 +101,7 @@ def test_another_owners_running_message_id_does_not_join_its_stream(
     from worker.client import submit_turn
 
     submit_turn(owners, celery_app=producer_app, settings=celery_worker.settings)
-    _wait_for_first_delta(owners_channel)
+    assert owners_channel.wait_for("agent_message")["event"] == "agent_message"
     intruder = make_turn(message_id=owners["message_id"], **OTHER_OWNER)
 
     _refused(intruder, listen, producer_app, celery_worker)
@@ -156,14 +155,3 @@ def test_the_owner_still_runs_turns_in_its_conversation_after_a_refusal(
 
     assert end["answer"] == "[turn 2] You said: and now?."
     assert celery_worker.store.get_snapshot(owners["conversation_id"]).version == 2
-
-
-def _wait_for_first_delta(listener: TurnListener, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = listener.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-        if message is not None:
-            listener.events.append(json.loads(message["data"]))
-            if listener.events[-1]["event"] == "agent_message":
-                return
-    raise AssertionError(f"no delta within {timeout}s")

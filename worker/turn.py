@@ -262,17 +262,10 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             answer = _checked_answer(output, services.settings, run_id, turn.message_id)
     except AgentBackendError as exc:
         exc.attempts = state.attempts
-        if control.stop_reason == STOPPED:
-            return _end_stopped(new, publisher, services, progress,
-                                partial_answer=streamed.text(), run_id=control.run_id,
-                                steps=steps.steps())
-        publisher.discard()
-        _keep_steps(services, turn.message_id, steps)
-        if control.stop_reason == DEADLINE:
-            raise TurnTimedOut(
-                f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
-                run_id=control.run_id, message_id=turn.message_id,
-            ).counting(state.attempts) from None
+        stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
+                                 attempts=state.attempts)
+        if stopped is not None:
+            return stopped
         raise
 
     if question is not None:
@@ -281,6 +274,25 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     return _succeed(turn, publisher, services, progress, answer=answer, snapshot=snapshot,
                     usage=usage, run_id=run_id, base_version=base_version, streamed=streamed,
                     steps=steps)
+
+
+def _after_failure(new: NewMessage, publisher: TurnPublisher, control: TurnControl,
+                   services: TurnServices, progress: TurnProgress, streamed: StreamedAnswer,
+                   steps: StepTracker, *, attempts: int | None) -> TurnOutcome | None:
+    """What a failed attempt becomes: the stopped end of a turn stopped by its user, a
+    ``TurnTimedOut`` past the deadline, or (None) the failure itself, which the caller raises.
+    Text not yet out is dropped and the steps shown are kept either way."""
+    if control.stop_reason == STOPPED:
+        return _end_stopped(new, publisher, services, progress, partial_answer=streamed.text(),
+                            run_id=control.run_id, steps=steps.steps())
+    publisher.discard()
+    _keep_steps(services, new.message_id, steps)
+    if control.stop_reason == DEADLINE:
+        timed_out = TurnTimedOut(
+            f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
+            run_id=control.run_id, message_id=new.message_id)
+        raise (timed_out.counting(attempts) if attempts is not None else timed_out) from None
+    return None
 
 
 def _checked_answer(output: Any, settings: Settings, run_id: str, message_id: str) -> str:
@@ -453,16 +465,10 @@ def _continue(turn: TurnPayload, pending: dict[str, Any], publisher: TurnPublish
             output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
             answer = _checked_answer(output, services.settings, run_id, turn.message_id)
     except AgentBackendError:
-        if control.stop_reason == STOPPED:
-            return _end_stopped(new, publisher, services, progress,
-                                partial_answer=streamed.text(), run_id=control.run_id,
-                                steps=steps.steps())
-        publisher.discard()
-        _keep_steps(services, turn.message_id, steps)
-        if control.stop_reason == DEADLINE:
-            raise TurnTimedOut(
-                f"the turn passed its {services.settings.turn_deadline_seconds:g}s deadline",
-                run_id=control.run_id, message_id=turn.message_id) from None
+        stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
+                                 attempts=None)
+        if stopped is not None:
+            return stopped
         raise
     if question is not None:
         return _ask(turn, publisher, services, progress, question, terminal=terminal,
