@@ -13,8 +13,9 @@ import dataclasses
 import gc
 import sys
 
-from stub_backend.app import StubSettings, create_app
+from stub_backend.app import create_app
 from stub_backend.server import bind_socket, build_uvicorn_server
+from stub_backend.settings import StubSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

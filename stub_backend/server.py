@@ -17,7 +17,9 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
-from stub_backend.app import StubSettings, StubState, create_app
+from stub_backend.app import create_app
+from stub_backend.runs import StubState
+from stub_backend.settings import StubSettings
 
 __all__ = ["StubServer", "bind_socket", "build_uvicorn_server"]
 

@@ -21,7 +21,8 @@ import pytest
 import requests
 
 from stub_backend import StubServer, StubSettings
-from stub_backend.app import Run, RunPlan, _produce
+from stub_backend.process import RunPlan
+from stub_backend.runs import Run, produce
 from tests.conftest import wait_until
 
 TIMEOUT = (5.0, 10.0)
@@ -29,6 +30,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CURSOR = re.compile(r"^(\d+)-(\d+)$")
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LAYER_NAMES = ("execution_context", "prompt", "history", "llm")
+# The reference server's captures were made with the ask-human layer in the composition.
+ASK_LAYER_NAMES = ("execution_context", "prompt", "ask_human", "history", "llm")
+FRAMES = PROJECT_ROOT.parent / "shared" / "agent-protocol-frames"
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,6 +70,7 @@ def composition(query: str = "hi", names: tuple[str, ...] = LAYER_NAMES) -> dict
             "config": {"prefix": "Be brief.", "user": query},
         },
         "history": {"name": "history", "type": "pydantic_ai.history"},
+        "ask_human": {"name": "ask_human", "type": "dify.ask_human", "config": {}},
         "llm": {
             "name": "llm",
             "type": "dify.plugin.llm",
@@ -82,9 +87,10 @@ def run_body(
     message_id: str | None = "msg-1",
     snapshot: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    layers: tuple[str, ...] = LAYER_NAMES,
 ) -> dict[str, Any]:
     return {
-        "composition": composition(query),
+        "composition": composition(query, layers),
         "session_snapshot": snapshot,
         "idempotency_key": idempotency_key,
         "metadata": {"message_id": message_id} if message_id else {},
@@ -802,7 +808,7 @@ def test_a_token_made_late_by_a_busy_loop_does_not_push_back_the_ones_after_it()
     run = Run("run-1", "msg-1", {})
 
     async def produce_through_a_busy_moment() -> None:
-        producer = asyncio.create_task(_produce(run, plan))
+        producer = asyncio.create_task(produce(run, plan))
         await asyncio.sleep(0.03)
         time.sleep(0.05)  # the loop is busy while tokens 2 and 3 fall due
         await asyncio.wait_for(producer, timeout=5)
@@ -816,74 +822,415 @@ def test_a_token_made_late_by_a_busy_loop_does_not_push_back_the_ones_after_it()
     assert 170 <= stamps[-1] - stamps[0] < 200, stamps
 
 
-# The agent's process (stub_backend/process.py) ---------------------------------------------
+# --------------------------------------------------------------------------------------------
+# The agent's process: thinking, tool rounds, questions (stub_backend/process.py)
+
+SUBMITTED = {"status": "submitted", "action": {"id": "submit", "label": "Submit"},
+             "values": {"answer": "yes"}}
 
 
-def _kinds(events: list[dict[str, Any]]) -> list[str]:
-    kinds = []
+def captured(name: str) -> list[dict[str, Any]]:
+    """The events of one stream captured from the reference server."""
+    path = FRAMES / name
+    if not path.exists():
+        pytest.skip(f"the reference captures are not here ({path})")
+    return [parse_frame(raw.encode()).envelope
+            for raw in path.read_text().strip().split("\n\n")]
+
+
+def is_text(event: dict[str, Any]) -> bool:
+    data = event["data"]
+    inner = data.get("part") or data.get("delta") or {}
+    return "text" in (inner.get("part_kind"), inner.get("part_delta_kind"))
+
+
+def normalized(value: Any) -> Any:
+    """``value`` with what differs between any two runs (call ids, timestamps) blanked."""
+    if isinstance(value, dict):
+        return {key: "<id>" if key == "tool_call_id" and item is not None
+                else "<ts>" if key == "timestamp" else normalized(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [normalized(item) for item in value]
+    return value
+
+
+def process_of(events: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """Every event but the answer's text parts, as (type, agent_message_delta, data), with ids
+    and timestamps blanked: what must equal the reference server's stream."""
+    return [(event["type"], event.get("agent_message_delta"), normalized(event["data"]))
+            for event in events
+            if not is_text(event) and event["type"] not in ("run_succeeded", "run_started")]
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    """Each event as ``type:event_kind:part kind`` (``pai`` for a pydantic_ai_event)."""
+    shown = []
     for event in events:
         data = event["data"]
-        part = data.get("part") or {}
-        delta = data.get("delta") or {}
-        kinds.append(":".join(str(k) for k in (
-            event["type"], data.get("event_kind"), part.get("part_kind"),
-            delta.get("part_delta_kind")) if k))
-    return kinds
+        inner = data.get("part") or data.get("delta") or {}
+        kind = inner.get("part_kind") or inner.get("part_delta_kind")
+        label = "pai" if event["type"] == "pydantic_ai_event" else event["type"]
+        shown.append(":".join(str(k) for k in (label, data.get("event_kind"), kind) if k))
+    return shown
 
 
-def test_think_in_the_query_streams_a_thinking_part_that_never_adds_answer_text(
-        backend: StubServer) -> None:
-    events = events_of(read_stream(backend, start_run(backend, "THINK first")))
+def answer_kinds(tokens: int) -> list[str]:
+    return (["pai:part_start:text", "pai:final_result"] + ["pai:part_delta:text"] * (tokens - 1)
+            + ["pai:part_end:text", "run_succeeded"])
 
-    thinking = [e for e in events if "thinking" in json.dumps(e["data"])]
-    assert _kinds(thinking)[0] == "pydantic_ai_event:part_start:thinking"
-    assert _kinds(thinking)[-1] == "pydantic_ai_event:part_end:thinking"
-    assert all(e.get("agent_message_delta") is None for e in thinking)
-    assert thinking[-1]["data"]["part"]["content"] == "\nCounting user messages: 1. "
+
+def history_of(end: dict[str, Any]) -> list[dict[str, Any]]:
+    layer = next(layer for layer in end["session_snapshot"]["layers"]
+                 if layer["name"] == "history")
+    messages: list[dict[str, Any]] = layer["runtime_state"]["messages"]
+    return messages
+
+
+def run_events(server: StubServer, body: dict[str, Any]) -> list[dict[str, Any]]:
+    response = create(server, body)
+    assert response.status_code == 202, response.text
+    return events_of(read_stream(server, response.json()["run_id"]))
+
+
+def resume_body(query: str, asked: dict[str, Any], result: Any,
+                layers: tuple[str, ...] = ASK_LAYER_NAMES,
+                message_id: str = "msg-1") -> dict[str, Any]:
+    """The run that answers the question ``asked`` (a run_succeeded's data) with ``result``."""
+    body = run_body(query, snapshot=asked["session_snapshot"], layers=layers,
+                    message_id=message_id)
+    call_id = asked["deferred_tool_call"]["tool_call_id"]
+    body["deferred_tool_results"] = {"calls": {call_id: result}, "metadata": {}}
+    return body
+
+
+def assert_answer_is_the_only_text(events: list[dict[str, Any]]) -> None:
+    """Only text parts carry answer text, and it joins to the output."""
+    for event in events:
+        if event["type"] != "pydantic_ai_event":
+            continue
+        kind = event["data"].get("event_kind")
+        carries_text = is_text(event) and kind in ("part_start", "part_delta")
+        assert (event["agent_message_delta"] is not None) == carries_text, event
     assert answer_deltas(events) == events[-1]["data"]["output"]
 
 
-def test_a_refused_tool_round_comes_before_the_answer_as_captured(backend: StubServer) -> None:
+def test_think_in_the_query_streams_the_captured_thought_before_the_answer(
+        backend: StubServer) -> None:
+    events = events_of(read_stream(backend, start_run(backend, "THINK first")))
+
+    reference = captured("thinking.sse")
+    assert process_of(events) == process_of(reference)
+    assert kinds(events) == [
+        "run_started", "pai:part_start:thinking", *["pai:part_delta:thinking"] * 3,
+        "pai:part_end:thinking", *answer_kinds(6)]
+    assert events[5]["data"]["part"]["content"] == "\nCounting user messages: 1.\n"
+    assert {event["data"]["index"] for event in events if is_text(event)} == {1}
+    assert events[-1]["data"]["output"] == "[turn 1] You said: THINK first."
+    assert_answer_is_the_only_text(events)
+    assert history_of(events[-1]["data"])[1] == {
+        "role": "thinking", "content": "\nCounting user messages: 1.\n"}
+
+
+def test_a_refused_tool_round_streams_as_captured_then_the_usual_answer(
+        backend: StubServer) -> None:
     events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:lookup please")))
 
-    assert _kinds(events)[1:5] == [
-        "pydantic_ai_event:part_start:tool-call", "pydantic_ai_event:part_end:tool-call",
-        "pydantic_ai_event:function_tool_call:tool-call",
-        "pydantic_ai_event:function_tool_result:retry-prompt"]
+    assert process_of(events) == process_of(captured("tool_unknown.sse"))
+    assert kinds(events) == [
+        "run_started", "pai:part_start:tool-call", "pai:part_end:tool-call",
+        "pai:function_tool_call:tool-call", "pai:function_tool_result:retry-prompt",
+        *answer_kinds(6)]
+    assert events[3]["data"]["args_valid"] is False
     assert events[4]["data"]["part"]["content"] == \
         "Unknown tool name: 'lookup'. No tools available."
-    assert events[-1]["type"] == "run_succeeded" and "output" in events[-1]["data"]
+    call_ids = {event["data"]["part"]["tool_call_id"] for event in events[1:5]}
+    assert call_ids == {f"call_{events[0]['run_id'][:8]}_1"}
+    assert {event["data"]["index"] for event in events if is_text(event)} == {0}
+    assert events[-1]["data"]["output"] == "[turn 1] You said: CALL_TOOL:lookup please."
+    assert_answer_is_the_only_text(events)
 
 
-def test_ask_human_defers_the_call_and_a_resumed_run_returns_the_answer(
+def test_several_tool_rounds_follow_one_another_in_order_then_the_answer(
         backend: StubServer) -> None:
-    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:ask_human ok")))
+    register(backend, "msg-1", process=[
+        {"thinking": "I should look it up."},
+        {"tool": "lookup", "args": {"city": "Zürich"}, "result": {"temp": 21}},
+        {"tool": "search", "args": {}, "refused": "Unknown tool name: 'search'."},
+        {"thinking": ["\n", "Done."]},
+    ])
+
+    events = events_of(read_stream(backend, start_run(backend, "weather?")))
+
+    assert kinds(events) == [
+        "run_started", "pai:part_start:thinking", *["pai:part_delta:thinking"] * 4,
+        "pai:part_end:thinking",
+        "pai:part_start:tool-call", "pai:part_end:tool-call",
+        "pai:function_tool_call:tool-call", "pai:function_tool_result:tool-return",
+        "pai:part_start:tool-call", "pai:part_end:tool-call",
+        "pai:function_tool_call:tool-call", "pai:function_tool_result:retry-prompt",
+        "pai:part_start:thinking", "pai:part_delta:thinking", "pai:part_end:thinking",
+        *answer_kinds(5)]
+    data = [event["data"] for event in events]
+    prefix = f"call_{events[0]['run_id'][:8]}"
+    assert [d["delta"]["content_delta"] for d in data[2:6]] == [" should", " look", " it", " up."]
+    assert (data[1]["part"]["content"], data[6]["part"]["content"]) == (
+        "I", "I should look it up.")
+    assert (data[6]["next_part_kind"], data[7]["previous_part_kind"]) == ("tool-call", "thinking")
+    assert data[7]["part"] == {
+        "tool_name": "lookup", "args": '{"city": "Z\\u00fcrich"}', "tool_call_id": f"{prefix}_1",
+        "tool_kind": None, "id": None, "provider_name": "DifyPlugin/langgenius/openai",
+        "provider_details": None, "part_kind": "tool-call"}
+    assert (data[7]["index"], data[11]["index"], data[15]["index"]) == (1, 0, 0)
+    assert (data[9]["args_valid"], data[13]["args_valid"]) == (True, False)
+    assert (data[10]["part"]["content"], data[10]["part"]["outcome"]) == ({"temp": 21}, "success")
+    assert data[14]["part"]["content"] == "Unknown tool name: 'search'."
+    assert data[14]["part"]["tool_call_id"] == f"{prefix}_2"
+    assert (data[15]["previous_part_kind"], data[17]["part"]["content"]) == (None, "\nDone.")
+    assert {d["index"] for e, d in zip(events, data, strict=True) if is_text(e)} == {1}
+    assert events[-1]["data"]["output"] == "[turn 1] You said: weather?."
+    assert_answer_is_the_only_text(events)
+    assert [message["role"] for message in history_of(events[-1]["data"])] == [
+        "user", "thinking", "tool_call", "tool_return", "tool_call", "retry_prompt",
+        "thinking", "assistant"]
+
+
+def test_thought_chunks_are_paced_like_answer_tokens(backend: StubServer) -> None:
+    register(backend, "msg-1", token_delay=0.03, process=[{"thinking": ["a", " b", " c"]}])
+
+    events = events_of(read_stream(backend, start_run(backend, "hi")))
+
+    paced = [cursor_key(event["id"])[0] for event in events
+             if event["data"].get("event_kind") in ("part_start", "part_delta")]
+    assert len(paced) == 3 + 5
+    # Eight paced events 30 ms apart on the run's own clock span seven intervals (with only
+    # the answer paced, the span would be four); six leave room for a late first chunk.
+    assert paced[-1] - paced[0] >= 6 * 30, paced
+
+
+def test_an_empty_process_drops_the_default_thought_and_null_restores_the_query_triggers(
+        backend: StubServer) -> None:
+    register(backend, "msg-1", process=[])
+    plain = events_of(read_stream(backend, start_run(backend, "THINK")))
+    register(backend, "msg-1", process=None)
+    thinking = events_of(read_stream(backend, start_run(backend, "THINK")))
+
+    assert kinds(plain) == ["run_started", *answer_kinds(5)]
+    assert plain[1]["data"]["index"] == 0
+    assert kinds(thinking)[1] == "pai:part_start:thinking"
+    assert thinking[1]["data"]["part"]["content"] == "\n"
+
+
+@pytest.mark.parametrize("layers", [ASK_LAYER_NAMES, LAYER_NAMES])
+def test_ask_human_defers_the_call_as_captured_and_remembers_it_in_the_snapshot(
+        backend: StubServer, layers: tuple[str, ...]) -> None:
+    query = "CALL_TOOL:ask_human when ready"
+    events = run_events(backend, run_body(query, layers=layers))
+
+    reference = captured("ask_human.sse")
+    assert process_of(events) == process_of(reference)
+    assert kinds(events) == [
+        "run_started", "pai:part_start:tool-call", "pai:final_result",
+        "pai:part_end:tool-call", "pai:function_tool_call:tool-call", "run_succeeded"]
     end = events[-1]["data"]
-    assert "output" not in end
+    assert sorted(end) == sorted(reference[-1]["data"]) == [
+        "deferred_tool_call", "session_snapshot", "usage"]
     call = end["deferred_tool_call"]
-    assert (call["tool_name"], call["args"]["question"]) == (
-        "ask_human", "Please confirm: CALL_TOOL:ask_human ok")
-    result = {"status": "submitted", "action": {"id": "submit", "label": "Submit"},
-              "values": {"answer": "yes"}}
-    body = run_body("CALL_TOOL:ask_human ok", snapshot=end["session_snapshot"])
-    body["deferred_tool_results"] = {"calls": {call["tool_call_id"]: result}, "metadata": {}}
+    assert normalized(call) == normalized(reference[-1]["data"]["deferred_tool_call"])
+    assert call["tool_call_id"] == events[1]["data"]["part"]["tool_call_id"]
+    assert [layer["name"] for layer in end["session_snapshot"]["layers"]] == list(layers)
+    assert history_of(end) == [
+        {"role": "user", "content": query},
+        {"role": "tool_call", "tool_call_id": call["tool_call_id"], "tool_name": "ask_human",
+         "args": events[1]["data"]["part"]["args"]}]
+    assert answer_deltas(events) == ""
+
+
+def test_a_resumed_run_returns_the_submitted_result_and_answers_with_it(
+        backend: StubServer) -> None:
+    query = "CALL_TOOL:ask_human when ready"
+    asked = run_events(backend, run_body(query, layers=ASK_LAYER_NAMES))[-1]["data"]
+
+    events = run_events(backend, resume_body(query, asked, SUBMITTED))
+
+    reference = captured("ask_human_resumed.sse")
+    assert process_of(events) == process_of(reference)
+    assert kinds(events) == [
+        "run_started", "pai:function_tool_call:tool-call",
+        "pai:function_tool_result:tool-return", *answer_kinds(4)]
+    call_id = asked["deferred_tool_call"]["tool_call_id"]
+    assert events[1]["data"]["args_valid"] is None
+    assert events[2]["data"]["part"]["tool_call_id"] == call_id
+    assert events[2]["data"]["part"]["content"] == SUBMITTED
+    end = events[-1]["data"]
+    assert end["output"] == reference[-1]["data"]["output"] == (
+        'Tool ask_human said: {"status":"submitted","action":{"id":"submit","label":"Submit"},'
+        '"values":{"answer":"yes"}}')
+    assert_answer_is_the_only_text(events)
+    assert [message["role"] for message in history_of(end)] == [
+        "user", "tool_call", "tool_return", "assistant"]
+    next_turn = run_events(backend, run_body("THINK again", snapshot=end["session_snapshot"],
+                                             layers=ASK_LAYER_NAMES))
+    assert next_turn[-1]["data"]["output"] == "[turn 2] You said: THINK again."
+    assert next_turn[5]["data"]["part"]["content"] == "\nCounting user messages: 2.\n"
+
+
+def test_a_planned_question_offers_what_the_plan_says_and_the_resumed_run_goes_on(
+        backend: StubServer) -> None:
+    question = {"title": "Ship it?", "question": "Deploy to production?", "markdown": "**now**",
+                "fields": [{"name": "note", "label": "Note", "type": "paragraph"}],
+                "actions": [{"id": "approve", "label": "Approve", "style": "primary"},
+                            {"id": "reject", "label": "Reject", "style": "destructive"}],
+                "urgency": "high"}
+    register(backend, "msg-1", process=[
+        {"thinking": "Ask first."},
+        {"ask_human": question, "tool_call_id": "call_deploy"},
+        {"tool": "deploy", "args": {"env": "prod"}, "result": "deployed"},
+    ])
+    first = run_events(backend, run_body("deploy", layers=ASK_LAYER_NAMES))
+    answer = {"status": "submitted", "action": {"id": "approve", "label": "Approve"},
+              "values": {"note": "go"}}
+
+    resumed = run_events(backend, resume_body("deploy", first[-1]["data"], answer))
+
+    assert kinds(first) == [
+        "run_started", "pai:part_start:thinking", "pai:part_delta:thinking",
+        "pai:part_end:thinking", "pai:part_start:tool-call", "pai:final_result",
+        "pai:part_end:tool-call", "pai:function_tool_call:tool-call", "run_succeeded"]
+    assert (first[4]["data"]["index"], first[4]["data"]["previous_part_kind"]) == (1, "thinking")
+    assert json.loads(first[4]["data"]["part"]["args"]) == question
+    assert first[-1]["data"]["deferred_tool_call"] == {
+        "tool_call_id": "call_deploy", "tool_name": "ask_human", "args": question,
+        "metadata": {"layer_type": "dify.ask_human", "tool_name": "ask_human",
+                     "schema_version": 1}}
+    assert kinds(resumed) == [
+        "run_started", "pai:function_tool_call:tool-call",
+        "pai:function_tool_result:tool-return", "pai:part_start:tool-call",
+        "pai:part_end:tool-call", "pai:function_tool_call:tool-call",
+        "pai:function_tool_result:tool-return", *answer_kinds(4)]
+    assert resumed[2]["data"]["part"]["content"] == answer
+    assert resumed[3]["data"]["part"]["tool_name"] == "deploy"
+    assert resumed[-1]["data"]["output"] == "Tool ask_human said: " + json.dumps(
+        answer, separators=(",", ":"))
+    assert_answer_is_the_only_text(resumed)
+
+
+def test_a_question_without_actions_offers_submit_as_the_reference_server_does(
+        backend: StubServer) -> None:
+    register(backend, "msg-1", process=[{"ask_human": {"question": "Sure?"}}])
+
+    end = run_events(backend, run_body("hi"))[-1]["data"]
+
+    assert end["deferred_tool_call"]["args"] == {
+        "title": None, "question": "Sure?", "markdown": None, "fields": [],
+        "actions": [{"id": "submit", "label": "Submit", "style": "primary"}],
+        "urgency": "normal"}
+
+
+def test_a_turn_can_ask_twice_and_each_answer_resumes_it(backend: StubServer) -> None:
+    register(backend, "msg-1", process=[{"ask_human": {"question": "First?"}},
+                                        {"ask_human": {"question": "Second?"}}])
+    first = run_events(backend, run_body("two questions"))[-1]["data"]
+    second_events = run_events(backend, resume_body("two questions", first, SUBMITTED,
+                                                    layers=LAYER_NAMES))
+    second = second_events[-1]["data"]
+    done = run_events(backend, resume_body("two questions", second,
+                                           {"status": "timeout"}, layers=LAYER_NAMES))
+
+    assert first["deferred_tool_call"]["args"]["question"] == "First?"
+    assert second["deferred_tool_call"]["args"]["question"] == "Second?"
+    assert second["deferred_tool_call"]["tool_call_id"] != first["deferred_tool_call"][
+        "tool_call_id"]
+    assert kinds(second_events)[1:3] == ["pai:function_tool_call:tool-call",
+                                         "pai:function_tool_result:tool-return"]
+    assert done[-1]["data"]["output"] == 'Tool ask_human said: {"status":"timeout"}'
+    assert [m["role"] for m in history_of(done[-1]["data"])] == [
+        "user", "tool_call", "tool_return", "tool_call", "tool_return", "assistant"]
+
+
+def test_a_failing_run_that_asks_fails_in_place_of_its_question(backend: StubServer) -> None:
+    register(backend, "msg-1", fail={"reason": "InvokeRateLimitError", "error": "slow down"})
+
+    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:ask_human now")))
+
+    assert kinds(events)[-2:] == ["pai:function_tool_call:tool-call", "run_failed"]
+    assert events[-1]["data"] == {"error": "slow down", "reason": "InvokeRateLimitError"}
+
+
+@pytest.mark.parametrize(
+    ("case", "change"),
+    [
+        ("unknown tool_call_id",
+         lambda body: body["deferred_tool_results"].update(calls={"call_unknown": SUBMITTED})),
+        ("a result too many",
+         lambda body: body["deferred_tool_results"]["calls"].update(call_other=SUBMITTED)),
+        ("no result for the pending call",
+         lambda body: body["deferred_tool_results"].update(calls={})),
+        ("no deferred_tool_results at all", lambda body: body.update(deferred_tool_results=None)),
+        ("results without a snapshot", lambda body: body.update(
+            session_snapshot=None, composition=composition("x", ASK_LAYER_NAMES))),
+        ("a status the layer does not know",
+         lambda body: next(iter(body["deferred_tool_results"]["calls"].values())).update(
+             status="maybe")),
+        ("an unknown field in the result",
+         lambda body: next(iter(body["deferred_tool_results"]["calls"].values())).update(
+             colour="red")),
+        ("an action without a label",
+         lambda body: next(iter(body["deferred_tool_results"]["calls"].values())).update(
+             action={"id": "submit"})),
+        ("metadata that is not per call", lambda body: body["deferred_tool_results"].update(
+            metadata={"call": "flat"})),
+    ],
+)
+def test_deferred_results_that_do_not_answer_the_pending_call_are_refused_with_422(
+        backend: StubServer, case: str, change: Callable[[dict[str, Any]], None]) -> None:
+    asked = run_events(backend, run_body("CALL_TOOL:ask_human ok", layers=ASK_LAYER_NAMES))
+    body = resume_body("CALL_TOOL:ask_human ok", asked[-1]["data"], dict(SUBMITTED))
+    change(body)
 
     response = create(backend, body)
-    resumed = events_of(read_stream(backend, response.json()["run_id"]))
 
-    assert _kinds(resumed)[1:3] == ["pydantic_ai_event:function_tool_call:tool-call",
-                                    "pydantic_ai_event:function_tool_result:tool-return"]
-    assert resumed[2]["data"]["part"]["content"] == result
-    assert resumed[-1]["data"]["output"] == "Tool ask_human said: " + json.dumps(
-        result, separators=(",", ":"))
+    assert response.status_code == 422, case
+    assert response.json()["detail"]
+    assert len(backend.app_state.describe_runs()) == 1, "no run was started"
 
 
-def test_deferred_results_for_a_call_the_snapshot_never_made_are_refused_with_422(
-        backend: StubServer) -> None:
-    events = events_of(read_stream(backend, start_run(backend, "CALL_TOOL:ask_human ok")))
-    body = run_body("x", snapshot=events[-1]["data"]["session_snapshot"])
-    body["deferred_tool_results"] = {"calls": {"call_unknown": {}}, "metadata": {}}
+def test_a_result_for_a_call_already_answered_is_refused_with_422(backend: StubServer) -> None:
+    asked = run_events(backend, run_body("CALL_TOOL:ask_human ok", layers=ASK_LAYER_NAMES))
+    body = resume_body("CALL_TOOL:ask_human ok", asked[-1]["data"], SUBMITTED)
+    answered = run_events(backend, body)[-1]["data"]
+    body["session_snapshot"] = answered["session_snapshot"]
 
-    assert create(backend, body).status_code == 422
-    body["session_snapshot"] = None
-    assert create(backend, body).status_code == 422
+    response = create(backend, body)
+
+    assert response.status_code == 422
+    assert "not waiting for" in json.dumps(response.json()["detail"])
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"think": "typo"},
+        {"thinking": ""},
+        {"thinking": []},
+        {"thinking": "x", "extra": 1},
+        {"tool": "lookup"},
+        {"tool": "lookup", "result": 1, "refused": "no"},
+        {"tool": "lookup", "result": 1, "colour": "red"},
+        {"tool": "ask_human", "result": 1},
+        {"ask_human": {"question": "q", "colour": "red"}},
+        {"ask_human": {"question": " "}},
+        {"ask_human": {"question": "q", "urgency": "whenever"}},
+        {"ask_human": {"question": "q", "actions": [{"id": "not an id", "label": "x"}]}},
+        {"ask_human": {"question": "q", "actions": [{"id": "a", "label": "A"},
+                                                    {"id": "a", "label": "B"}]}},
+        {"ask_human": {"question": "q"}, "extra": 1},
+    ],
+)
+def test_control_api_rejects_a_process_step_it_does_not_know(
+        backend: StubServer, step: dict[str, Any]) -> None:
+    response = requests.post(f"{backend.url}/_stub/messages/msg-1",
+                             json={"process": [step]}, timeout=TIMEOUT)
+
+    assert response.status_code == 422, step
+    assert response.json()["detail"]
