@@ -251,15 +251,8 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             skip_chars = shown.chars
         elif shown.published:
             publisher.replace("")
-        control.run_id = run_id
-        if control.stopped:
-            services.supervisor.cancel_run_soon(control)
-        terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
-                                 streamed, progress, steps, skip_chars)
-        question = _question_of(terminal, run_id, turn.message_id)
-        if question is None:
-            output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
-            answer = _checked_answer(output, services.settings, run_id, turn.message_id)
+        result = _follow_run(run_id, turn, publisher, services, control, streamed, progress,
+                             steps, skip_chars)
     except AgentBackendError as exc:
         exc.attempts = state.attempts
         stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
@@ -268,12 +261,49 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
             return stopped
         raise
 
+    return _end_leg(turn, publisher, services, progress, result, run_id=run_id,
+                    base_version=base_version, streamed=streamed, steps=steps)
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a followed run ended: a question to the user, or an answer (with its snapshot)."""
+
+    terminal: RunEvent
+    question: PendingQuestion | None = None
+    answer: str = ""
+    snapshot: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+
+
+def _follow_run(run_id: str, turn: TurnPayload, publisher: TurnPublisher,
+                services: TurnServices, control: TurnControl, streamed: StreamedAnswer,
+                progress: TurnProgress, steps: StepTracker, skip_chars: int) -> RunResult:
+    """Relay a run to its terminal event and read how it ended; raise for a failed run."""
+    control.run_id = run_id
+    if control.stopped:
+        services.supervisor.cancel_run_soon(control)
+    terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
+                             streamed, progress, steps, skip_chars)
+    question = _question_of(terminal, run_id, turn.message_id)
     if question is not None:
-        return _ask(turn, publisher, services, progress, question, terminal=terminal,
-                    run_id=run_id, base_version=base_version, streamed=streamed, steps=steps)
-    return _succeed(turn, publisher, services, progress, answer=answer, snapshot=snapshot,
-                    usage=usage, run_id=run_id, base_version=base_version, streamed=streamed,
-                    steps=steps)
+        return RunResult(terminal, question)
+    output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
+    return RunResult(terminal, answer=_checked_answer(output, services.settings, run_id,
+                                                      turn.message_id),
+                     snapshot=snapshot, usage=usage)
+
+
+def _end_leg(turn: TurnPayload, publisher: TurnPublisher, services: TurnServices,
+             progress: TurnProgress, result: RunResult, *, run_id: str, base_version: int,
+             streamed: StreamedAnswer, steps: StepTracker) -> TurnOutcome:
+    if result.question is not None:
+        return _ask(turn, publisher, services, progress, result.question,
+                    terminal=result.terminal, run_id=run_id, base_version=base_version,
+                    streamed=streamed, steps=steps)
+    return _succeed(turn, publisher, services, progress, answer=result.answer,
+                    snapshot=result.snapshot, usage=result.usage, run_id=run_id,
+                    base_version=base_version, streamed=streamed, steps=steps)
 
 
 def _after_failure(new: NewMessage, publisher: TurnPublisher, control: TurnControl,
@@ -455,27 +485,16 @@ def _continue(turn: TurnPayload, pending: dict[str, Any], publisher: TurnPublish
                                       base_version=base_version)
         steps.resume(shown, tool_call_id=human.tool_call_id, run_key=run_id)
         progress.run_started(run_id, reattached=skip_chars > 0, seconds=0.0)
-        control.run_id = run_id
-        if control.stopped:
-            services.supervisor.cancel_run_soon(control)
-        terminal = _relay_answer(run_id, turn.message_id, publisher, services, control,
-                                 streamed, progress, steps, skip_chars)
-        question = _question_of(terminal, run_id, turn.message_id)
-        if question is None:
-            output, snapshot, usage = _successful_result(terminal, run_id, turn.message_id)
-            answer = _checked_answer(output, services.settings, run_id, turn.message_id)
+        result = _follow_run(run_id, turn, publisher, services, control, streamed, progress,
+                             steps, skip_chars)
     except AgentBackendError:
         stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
                                  attempts=None)
         if stopped is not None:
             return stopped
         raise
-    if question is not None:
-        return _ask(turn, publisher, services, progress, question, terminal=terminal,
-                    run_id=run_id, base_version=base_version, streamed=streamed, steps=steps)
-    return _succeed(turn, publisher, services, progress, answer=answer, snapshot=snapshot,
-                    usage=usage, run_id=run_id, base_version=base_version, streamed=streamed,
-                    steps=steps)
+    return _end_leg(turn, publisher, services, progress, result, run_id=run_id,
+                    base_version=base_version, streamed=streamed, steps=steps)
 
 
 def _re_emit_end(turn: TurnPayload, state: MessageState,
