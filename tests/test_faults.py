@@ -607,6 +607,52 @@ def test_an_answer_enqueued_twice_makes_one_continuation_run(
     assert len(stub.runs(turn["message_id"])) == 2, "the question's run and one continuation"
 
 
+def test_a_worker_killed_during_the_continuation_re_attaches_to_that_run(
+    crash_settings: Any, crash_store: SessionStore, stub: StubControl, listen: Any,
+    producer_app: Any, tmp_path: Path,
+) -> None:
+    from worker.client import submit_human_input
+
+    first = start_worker(crash_settings, tmp_path / "first.log", f"cont-1-{os.getpid()}@%h")
+    turn = make_turn(query="CALL_TOOL:ask_human then crash")
+    stub.plan(turn["message_id"], answer_tokens=40, token_delay=0.05)
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=crash_settings)
+    try:
+        asked = listener.wait_for("human_input_required")
+        submit_human_input(turn["message_id"], asked["tool_call_id"], "submit",
+                           {"answer": "go on"}, tenant_id=turn["tenant_id"],
+                           app_id=turn["app_id"], user_id=turn["user_id"],
+                           celery_app=producer_app, settings=crash_settings)
+        for _ in range(2):
+            assert listener.wait_for("agent_message")["event"] == "agent_message"
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    continuation_runs = stub.runs(turn["message_id"])[1:]
+    assert len(continuation_runs) == 1 and continuation_runs[0]["status"] == "running", (
+        "the worker must have been killed while the continuation's run streamed")
+
+    second = start_worker(crash_settings, tmp_path / "second.log", f"cont-2-{os.getpid()}@%h")
+    try:
+        events = listener.wait_for_end(timeout=30)
+    finally:
+        stop_worker(second)
+    end = assert_single_end(events, "message_end")
+    assert end["answer"].startswith('Tool ask_human said: {"status":"submitted"')
+    assert '"values":{"answer":"go on"}' in end["answer"]
+    assert [e["event"] for e in events].count("human_input_required") == 1
+    after_question = events[[e["event"] for e in events].index("human_input_required") + 1:]
+    assert "".join(e["answer"] for e in after_question if e["event"] == "agent_message") == (
+        end["answer"]), "each character of the continuation reaches the client exactly once"
+    assert "message_replace" not in [e["event"] for e in events]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert len(stub.runs(turn["message_id"])) == 2, "the question's run and one continuation"
+    message = crash_store.get_message(turn["message_id"])
+    assert message is not None
+    assert (message.status, message.answer) == ("succeeded", end["answer"])
+
+
 def test_an_unanswered_question_expires_with_one_error_and_refuses_a_late_answer(
     stub_server: StubServer, stub: StubControl, tmp_path: Path, listen: Any,
     producer_app: Any

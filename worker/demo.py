@@ -1,9 +1,13 @@
-"""The two-turn demo: the whole stack on one machine, a conversation streaming in the terminal.
+"""The demo: the whole stack on one machine, a conversation streaming in the terminal.
 
 ``scripts/demo`` runs this after installing and making sure Redis answers. It starts the stub
 backend and a worker as child processes (reusing a stub that already answers on the configured
-URL), sends two turns of one conversation as a web tier would, prints each answer as its chunks
-arrive on the turn's channel, and stops what it started.
+URL), sends turns as a web tier would, prints each answer as its chunks arrive on the turn's
+channel, and stops what it started. Four turns: two of one conversation (the second built on
+the first's snapshot), one where the agent thinks and calls a tool (its ``agent_thought``
+steps printed as they grow), and one where the agent asks the user a question, which the demo
+answers as the user would (``submit_human_input``); the answer's continuation streams on the
+same message to one ``message_end``.
 """
 
 from __future__ import annotations
@@ -17,15 +21,32 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 import requests
 
 from config.settings import PROJECT_ROOT, Settings, get_settings
-from worker.client import prepare_turn, submit_turn
+from worker.client import prepare_turn, submit_human_input, submit_turn
 
 DEMO_QUERIES = ("Hello! My name is Ada.", "What did I just tell you?")
+# What the agent does in the last two turns, scripted on the stub backend (its control API,
+# stub_backend/control.py): thinking, a call the tool refuses (a retry prompt), a call that
+# returns; then a question with a field and two actions.
+TOOL_QUERY = "What is the weather in Lisbon?"
+TOOL_PROCESS = [
+    {"thinking": "The user wants the weather; the weather tool knows it."},
+    {"tool": "weather", "args": {"town": "Lisbn"}, "refused": "unknown town 'Lisbn'"},
+    {"tool": "weather", "args": {"town": "Lisbon"}, "result": {"sky": "sunny", "celsius": 21}},
+]
+ASK_QUERY = "Book me a table for two."
+ASK_PROCESS = [{"ask_human": {
+    "title": "Booking", "question": "For what time should I book the table?",
+    "fields": [{"name": "time", "label": "Time", "type": "text"}],
+    "actions": [{"id": "book", "label": "Book it", "style": "primary"},
+                {"id": "cancel", "label": "Never mind"}]}}]
+DEMO_OWNER = {"tenant_id": "demo-tenant", "app_id": "demo-app", "user_id": "demo-user"}
 
 
 def _stub_answers(url: str) -> bool:
@@ -58,37 +79,79 @@ def _child(command: list[str], log_path: Path, ready: str, env: dict[str, str]) 
             process.kill()
 
 
-def _stream_turn(settings: Settings, bus: redis.Redis, fields: dict[str, str]) -> str:
+def _show_step(event: dict[str, Any], shown: dict[str, str]) -> None:
+    """Print a step when it first arrives and each time it grows (re-sent under its id)."""
+    parts = [f"thought {event['thought'].strip()!r}" if event["thought"].strip() else "",
+             f"tool {event['tool']}({event['tool_input']})" if event["tool"] else "",
+             f"→ {event['observation']}" if event["observation"] else ""]
+    line = " ".join(part for part in parts if part)
+    if line and shown.get(event["id"]) != line:
+        shown[event["id"]] = line
+        print(f"\n  [step {event['position']}] {line}", end="", flush=True)
+
+
+def _stream_turn(settings: Settings, bus: redis.Redis, fields: dict[str, str],
+                 process: list[dict[str, Any]] | None = None, celery_app: Any = None) -> str:
+    """Send one turn, print its events as they arrive; answer its question if it asks one."""
     turn = prepare_turn(fields, settings)
+    if process is not None:
+        requests.post(f"{settings.backend_url}/_stub/messages/{turn.message_id}",
+                      json={"process": process}, timeout=5).raise_for_status()
     pubsub = bus.pubsub()
     pubsub.subscribe(settings.channel_for(turn.message_id))
     pubsub.get_message(timeout=2)
-    submitted = submit_turn(turn, settings=settings)
+    submitted = submit_turn(turn, settings=settings, celery_app=celery_app)
     print(f"\nuser      > {turn.query}")
     print("assistant > ", end="", flush=True)
     deadline = time.monotonic() + 60
     chunks = 0
-    while time.monotonic() < deadline:
-        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-        if message is None:
-            continue
-        event = json.loads(message["data"])
-        if event["event"] == "agent_message":
-            chunks += 1
-            print(event["answer"], end="", flush=True)
-        elif event["event"] == "message_replace":
-            print(f"\n[replaced] {event['answer']}", end="", flush=True)
-        elif event["event"] == "message_end":
-            usage = event["metadata"].get("usage") or {}
-            print(f"\n            ({chunks} chunks, {event['seq']} events, "
-                  f"{usage.get('total_tokens', '?')} tokens; task {submitted.task_id})")
-            pubsub.close()
-            return turn.conversation_id
-        elif event["event"] == "error":
-            pubsub.close()
-            raise SystemExit(f"\nthe turn failed: {event['code']}: {event['message']}")
-    pubsub.close()
+    steps: dict[str, str] = {}
+    after_step = False
+    try:
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is None:
+                continue
+            event = json.loads(message["data"])
+            if event["event"] == "agent_message":
+                chunks += 1
+                if after_step:
+                    print("\nassistant > ", end="")
+                    after_step = False
+                print(event["answer"], end="", flush=True)
+            elif event["event"] == "agent_thought":
+                _show_step(event, steps)
+                after_step = True
+            elif event["event"] == "message_replace":
+                print(f"\n[replaced] {event['answer']}", end="", flush=True)
+            elif event["event"] == "human_input_required":
+                _answer_question(settings, turn.message_id, event, celery_app)
+                print("assistant > ", end="", flush=True)
+                after_step = False
+            elif event["event"] == "message_end":
+                usage = event["metadata"].get("usage") or {}
+                print(f"\n            ({chunks} chunks, {len(steps)} steps, {event['seq']} "
+                      f"events, {usage.get('total_tokens', '?')} tokens; "
+                      f"task {submitted.task_id})")
+                return turn.conversation_id
+            elif event["event"] == "error":
+                raise SystemExit(f"\nthe turn failed: {event['code']}: {event['message']}")
+    finally:
+        pubsub.close()
     raise SystemExit("\nno answer within 60 s: is the worker running? (see var/demo-worker.log)")
+
+
+def _answer_question(settings: Settings, message_id: str, asked: dict[str, Any],
+                     celery_app: Any) -> None:
+    """Answer as the user would, with the first action offered: the web tier's part."""
+    action = asked["actions"][0]["id"]
+    values = {field["name"]: "8 pm" for field in asked["args"].get("fields") or []
+              if isinstance(field, dict) and "name" in field}
+    print(f"\n  [question] {asked['args'].get('question')} (expires at "
+          f"{time.strftime('%H:%M:%S', time.localtime(asked['expires_at']))})")
+    print(f"user      > [{action}] {json.dumps(values) if values else ''}")
+    submit_human_input(message_id, asked["tool_call_id"], action, values, **DEMO_OWNER,
+                       celery_app=celery_app, settings=settings)
 
 
 def main() -> None:
@@ -115,13 +178,16 @@ def main() -> None:
         bus = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5)
         conversation_id = None
         for query in DEMO_QUERIES:
-            fields = {"tenant_id": "demo-tenant", "app_id": "demo-app", "user_id": "demo-user",
-                      "query": query}
+            fields = {**DEMO_OWNER, "query": query}
             if conversation_id:
                 fields["conversation_id"] = conversation_id
             conversation_id = _stream_turn(settings, bus, fields)
         print(f"\nconversation {conversation_id}: two turns, the second built on the first's "
               "snapshot (see '[turn 2]').")
+        print("\nA turn where the agent thinks and calls a tool (its steps as they grow):")
+        _stream_turn(settings, bus, {**DEMO_OWNER, "query": TOOL_QUERY}, TOOL_PROCESS)
+        print("\nA turn where the agent asks the user, and the answer resumes it:")
+        _stream_turn(settings, bus, {**DEMO_OWNER, "query": ASK_QUERY}, ASK_PROCESS)
 
 
 if __name__ == "__main__":
