@@ -126,8 +126,13 @@ class Settings(BaseSettings):
     turn_deadline_seconds: float = Field(600.0, gt=0)
     visibility_timeout_seconds: float = Field(900.0, gt=0)
     unacked_restore_interval_seconds: float = Field(30.0, gt=0)
-    # A conversation's lease: how long it outlives a dead worker, and how a waiting turn waits.
-    conversation_lease_seconds: float = Field(30.0, gt=0)
+    # A conversation's lease, renewed every quarter of it while its turn runs: how long it
+    # outlives a dead worker, and so (with the takeover scan) how long a dead worker's turns
+    # stay silent before another worker streams them on (worker/takeover.py, docs/faults.md).
+    # The worker's alive key has the same TTL, renewed in the same round trip.
+    conversation_lease_seconds: float = Field(3.0, gt=0)
+    # How often every worker looks for workers whose alive key lapsed.
+    takeover_scan_seconds: float = Field(0.5, gt=0)
     conversation_wait_retry_seconds: float = Field(0.5, gt=0)
     max_conversation_wait_seconds: float = Field(900.0, gt=0)
     supervisor_tick_seconds: float = Field(0.1, gt=0)

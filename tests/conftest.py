@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TEST_QUEUE = f"agent_turns_test_{uuid.uuid4().hex[:8]}"
-# Three Redis databases (broker, results, pub/sub) from this one on; two test runs at once on one
-# Redis (two checkouts, say) need different values of AGENT_TURN_TEST_REDIS_DB.
+# Four Redis databases (broker, results, pub/sub, and the takeover tests' own pub/sub, so that
+# the suite's other workers do not take part in their takeovers) from this one on; two test runs
+# at once on one Redis (two checkouts, say) need values of AGENT_TURN_TEST_REDIS_DB 4 apart.
 BROKER_DB = int(os.environ.get("AGENT_TURN_TEST_REDIS_DB", "10"))
-RESULT_DB, PUBSUB_DB = BROKER_DB + 1, BROKER_DB + 2
+RESULT_DB, PUBSUB_DB, TAKEOVER_PUBSUB_DB = BROKER_DB + 1, BROKER_DB + 2, BROKER_DB + 3
 WAIT_SECONDS = 20.0
 # The pool the tests' workers run: the Procfile's by default; AGENT_TURN_TEST_POOL=threads runs
 # the suite on the other I/O pool the worker supports.
@@ -372,12 +373,13 @@ class RunningWorker:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_worker(settings: Settings, log_path: Path, hostname: str) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, log_path: Path, hostname: str,
+                 *extra_args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
                "--pool", WORKER_POOL, "--concurrency", str(settings.worker_concurrency),
                "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
-               "--without-mingle", "--without-gossip"]
+               "--without-mingle", "--without-gossip", *extra_args]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file,
                                    stderr=subprocess.STDOUT)

@@ -56,6 +56,29 @@ def test_renew_reports_the_leases_that_were_lost(locks: ConversationLocks,
 
     assert locks.renew([kept, lost]) == [lost]
     assert redis_client.pttl(kept.key) > 25_000
+    assert locks.retake(lost) and redis_client.get(lost.key) == lost.token.encode()
+    redis_client.set(kept.key, "msg-9:someone-else")
+    assert not locks.retake(kept), "a lease another holds now is not taken back"
+
+
+def test_a_workers_leases_are_listed_under_its_name_and_renewal_proves_it_alive(
+    redis_client: redis.Redis,
+) -> None:
+    from worker.takeover import WORKERS_KEY, alive_key, leases_key
+
+    worker = f"test-worker-{uuid.uuid4().hex[:6]}"
+    locks = ConversationLocks(redis_client, ttl_seconds=30, worker=worker)
+    lease = locks.acquire(new_conversation(), "msg-1")
+    assert lease is not None
+    assert redis_client.hget(leases_key(worker), lease.key) == lease.token.encode()
+
+    assert locks.renew([lease]) == []
+    assert redis_client.pttl(alive_key(worker)) > 25_000
+    assert redis_client.sismember(WORKERS_KEY, worker)
+    locks.release(lease)
+    assert not redis_client.hexists(leases_key(worker), lease.key)
+    redis_client.srem(WORKERS_KEY, worker)
+    redis_client.delete(alive_key(worker))
 
 
 def test_a_lease_whose_holder_died_expires(redis_client: redis.Redis) -> None:

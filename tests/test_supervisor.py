@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -234,16 +235,18 @@ def test_a_lease_released_by_a_turn_ending_during_renewal_is_not_reported_lost(
     finally:
         supervisor.close()
 
-    assert "was lost" not in caplog.text
+    assert "lapsed" not in caplog.text and "taken over" not in caplog.text
+    assert redis_client.exists(ConversationLocks.key_for("conv-1")) == 0, (
+        "an ended turn's lease is not taken again")
 
 
-def test_a_lease_lost_while_its_turn_runs_is_reported(
+def test_a_lease_that_lapsed_unclaimed_is_taken_again_and_the_turn_goes_on(
     redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
 ) -> None:
     locks = ConversationLocks(redis_client, ttl_seconds=30)
     supervisor = _supervisor(redis_client, locks)
     control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
-    control.lease = locks.acquire("conv-1", "msg-1")
+    control.lease = locks.acquire(f"conv-{uuid.uuid4().hex[:8]}", "msg-1")
     assert control.lease is not None
     redis_client.delete(control.lease.key)  # expired while the worker was paused
 
@@ -253,4 +256,32 @@ def test_a_lease_lost_while_its_turn_runs_is_reported(
     finally:
         supervisor.close()
 
-    assert f"{control.lease.key} was lost while its turn ran" in caplog.text
+    assert f"{control.lease.key} of turn msg-1 lapsed while it ran" in caplog.text
+    assert redis_client.get(control.lease.key) == control.lease.token.encode()
+    assert not control.stopped
+
+
+def test_a_turn_whose_lease_another_holds_now_is_stopped_without_cancelling_its_run(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+) -> None:
+    locks = ConversationLocks(redis_client, ttl_seconds=30)
+    supervisor = _supervisor(redis_client, locks)
+    conversation = f"conv-{uuid.uuid4().hex[:8]}"
+    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control.lease = locks.acquire(conversation, "msg-1")
+    control.run_id = "run-that-goes-on"
+    assert control.lease is not None
+    redis_client.delete(control.lease.key)
+    taken_over = locks.acquire(conversation, "msg-1")  # the worker that took the turn over
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="worker.supervisor"):
+            supervisor._renew_leases()
+    finally:
+        supervisor.close()
+
+    assert taken_over is not None
+    assert control.stop_reason == "taken_over"
+    assert "turn msg-1 was taken over by another worker" in caplog.text
+    assert redis_client.get(taken_over.key) == taken_over.token.encode()
+    assert "could not cancel run" not in caplog.text, "the other worker follows that run"

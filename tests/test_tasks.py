@@ -35,6 +35,7 @@ from tests.conftest import (
     submit_and_wait,
 )
 from worker.client import submit_turn
+from worker.publisher import replay_log_key
 from worker.tasks import retry_delay
 
 EXPECTED_ANSWER = "[turn 1] You said: hi."
@@ -257,11 +258,29 @@ def test_payload_without_a_usable_message_id_fails_the_task_without_retry(
     assert stub.runs() == []
 
 
-def test_redelivered_succeeded_turn_re_emits_its_end_without_a_new_run(
+def test_a_redelivered_finished_turn_whose_end_is_on_its_log_publishes_nothing(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
     turn = make_turn()
     submit_and_wait(turn, listen, producer_app, celery_worker)
+    listener = listen(turn["message_id"])
+
+    again = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+
+    assert final_state(producer_app.AsyncResult(again.task_id)) == "SUCCESS"
+    listener.drain_quietly(0.5)
+    assert listener.events == [], "its one end is on the log already: a second would contradict"
+    assert len(stub.runs(turn["message_id"])) == 1
+
+
+def test_a_redelivered_finished_turn_whose_end_never_went_out_re_emits_it(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    redis_client: Any,
+) -> None:
+    turn = make_turn()
+    end = submit_and_wait(turn, listen, producer_app, celery_worker)[-1]
+    # As if publishing the end had failed after the answer was saved.
+    redis_client.xdel(replay_log_key(turn["message_id"]), f"{end['seq']}-0")
 
     events = submit_and_wait(turn, listen, producer_app, celery_worker)
 

@@ -23,7 +23,7 @@ from tests.conftest import (
     sqlite_url,
     wait_until,
 )
-from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, SnapshotConflict
+from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, TurnTakenOver
 from worker.payload import parse_turn
 from worker.turn import TurnServices, end_stopped_before_running, run_turn
 
@@ -110,7 +110,7 @@ def test_a_second_turn_waits_while_its_conversation_is_busy(
     assert first_snapshot["status"] == "succeeded"
 
 
-def test_a_turn_whose_lease_expired_cannot_overwrite_a_newer_snapshot(
+def test_a_turn_whose_lease_another_took_stops_and_cannot_overwrite_a_newer_snapshot(
     make_services: ServicesFactory, stub: StubControl, redis_client: Any
 ) -> None:
     services = make_services()
@@ -127,7 +127,8 @@ def test_a_turn_whose_lease_expired_cannot_overwrite_a_newer_snapshot(
     thread.join(timeout=20)
 
     assert not thread.is_alive()
-    assert [type(exc) for exc in failures] == [SnapshotConflict]
+    assert [type(exc) for exc in failures] == [TurnTakenOver], (
+        "its events are fenced by the lease the newer turn holds now")
     saved = services.store.get_snapshot(slow["conversation_id"])
     assert saved is not None and saved.version == 1 and saved.last_message_id == fast["message_id"]
     slow_message = services.store.get_message(slow["message_id"])

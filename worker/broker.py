@@ -13,6 +13,8 @@ transport, whose TLS set-up hangs on the URL's scheme.
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 import redis
@@ -34,3 +36,33 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+def restore_unacked(channel: kombu_redis.Channel, tag: str) -> bool:
+    """Put one unacknowledged message back at the head of its queue, now, under a new
+    delivery tag; False if it is no longer unacknowledged (acknowledged, or restored already).
+
+    kombu restores a message only once the visibility timeout has passed; a takeover
+    (worker/takeover.py) restores a dead worker's message at once. The new tag matters when
+    the "dead" worker was only paused: its late acknowledgement of the old tag must not erase
+    the record of the copy another worker now holds.
+    """
+    with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(channel.unacked_key)
+                raw = pipe.hget(channel.unacked_key, tag)
+                if raw is None:
+                    pipe.reset()
+                    return False
+                message, exchange, routing_key = json.loads(raw)
+                message.setdefault("properties", {})["delivery_tag"] = str(uuid.uuid4())
+                pipe.multi()
+                pipe.zrem(channel.unacked_index_key, tag)
+                pipe.hdel(channel.unacked_key, tag)
+                channel._do_restore_message(message, exchange, routing_key, pipe,
+                                            leftmost=False)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue

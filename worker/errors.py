@@ -31,8 +31,11 @@ and is treated as permanent, so a client is never left waiting.
         ├── RunFailed                 run_failed with a permanent or unknown reason
         ├── RunCancelled              the backend cancelled the run
         ├── TurnTimedOut              the turn passed its overall deadline
-        └── TurnInterrupted           the supervisor stopped the turn (stop or deadline); the
-                                      turn turns it into its stopped end or TurnTimedOut
+        ├── TurnInterrupted           the supervisor stopped the turn (stop or deadline); the
+        │                             turn turns it into its stopped end or TurnTimedOut
+        └── TurnTakenOver             another worker took the turn over while this copy was
+                                      paused or cut off: this copy stops, publishing and
+                                      writing nothing (worker/takeover.py)
 
 Why unknown ``run_failed`` reasons are permanent: retrying a model call costs money, and only
 the reasons known to be transient are worth paying for twice.
@@ -221,3 +224,14 @@ def status_for_code(code: str) -> int:
             return cls.status
         pending.extend(cls.__subclasses__())
     return AgentBackendError.status
+
+
+class TurnTakenOver(PermanentAgentError):
+    """This copy of a turn lost its conversation lease to another worker's takeover.
+
+    Not an ending of the turn: the copy that took over streams it to its end. The task ends
+    without a result, an event or a write, so that it contradicts nothing the other did.
+    """
+
+    code = "turn_taken_over"
+    status = 409

@@ -17,7 +17,18 @@ from dataclasses import dataclass
 import redis
 
 from worker.errors import EventBusUnavailable
+from worker.takeover import WORKERS_KEY, alive_key, leases_key
 
+# KEYS[1]: the lease; KEYS[2] (when given): the worker's leases hash. ARGV: token, TTL in ms.
+# A resent acquire whose first reply was lost finds the lease held by its own token.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if KEYS[2] then redis.call('HSET', KEYS[2], KEYS[1], ARGV[1]) end
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -26,6 +37,7 @@ return 0
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if KEYS[2] then redis.call('HDEL', KEYS[2], KEYS[1]) end
   return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -39,11 +51,23 @@ class Lease:
 
 
 class ConversationLocks:
-    def __init__(self, client: redis.Redis, *, ttl_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_seconds: float,
+                 worker: str | None = None) -> None:
         self._redis = client
         self._ttl_ms = int(ttl_seconds * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._worker: str | None = None
+        self._lease_list: list[str] = []
+        if worker is not None:
+            self.serve_as(worker)
+
+    def serve_as(self, worker: str) -> None:
+        """List this process's leases under its worker name, and prove it alive on renewal."""
+        self._worker = worker
+        self._lease_list = [leases_key(worker)]
+        self._alive_key = alive_key(worker)
 
     @staticmethod
     def key_for(conversation_id: str) -> str:
@@ -52,27 +76,49 @@ class ConversationLocks:
     def acquire(self, conversation_id: str, holder: str) -> Lease | None:
         """The lease, or None while another turn of the conversation holds it."""
         lease = Lease(self.key_for(conversation_id), f"{holder}:{uuid.uuid4().hex}")
+        return lease if self._take(lease) else None
+
+    def _take(self, lease: Lease) -> bool:
         try:
-            taken = self._redis.set(lease.key, lease.token, nx=True, px=self._ttl_ms)
-            if not taken:
-                # The client resends a command whose reply was lost; if the first SET took
-                # the lease, the resent one finds it held, by this very token.
-                taken = self._redis.get(lease.key) == lease.token.encode()
+            return bool(self._acquire(keys=[lease.key, *self._lease_list],
+                                      args=[lease.token, self._ttl_ms]))
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"taking the conversation lock failed: {exc}") from exc
-        return lease if taken else None
+
+    def holding_message(self, conversation_id: str) -> str | None:
+        """The message id whose turn holds the conversation's lease now, if any."""
+        try:
+            token = self._redis.get(self.key_for(conversation_id))
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"reading the conversation lock failed: {exc}") from exc
+        return token.decode().rpartition(":")[0] if token else None
+
+    def holds(self, lease: Lease) -> bool:
+        """Whether the lease is still this token's: the check before a turn's last writes."""
+        try:
+            return self._redis.get(lease.key) == lease.token.encode()
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"reading the conversation lock failed: {exc}") from exc
 
     def renew(self, leases: list[Lease]) -> list[Lease]:
-        """Extend the leases in one round trip; return those that were lost."""
-        if not leases:
+        """Extend the leases, and the worker's alive key, in one round trip; return those
+        that had lapsed or are another's now."""
+        if not leases and self._worker is None:
             return []
         pipeline = self._redis.pipeline(transaction=False)
+        if self._worker is not None:
+            pipeline.set(self._alive_key, "1", px=self._ttl_ms)
+            pipeline.sadd(WORKERS_KEY, self._worker)
         for lease in leases:
             self._renew(keys=[lease.key], args=[lease.token, self._ttl_ms], client=pipeline)
-        results = pipeline.execute()
+        results = pipeline.execute()[2 if self._worker is not None else 0:]
         return [lease for lease, renewed in zip(leases, results, strict=True) if not renewed]
+
+    def retake(self, lease: Lease) -> bool:
+        """Take a lapsed lease again with its own token, unless another holds it now."""
+        return self._take(lease)
 
     def release(self, lease: Lease) -> None:
         # The lease expires by itself; a failed release only delays the next turn.
         with contextlib.suppress(redis.RedisError):
-            self._release(keys=[lease.key], args=[lease.token])
+            self._release(keys=[lease.key, *self._lease_list], args=[lease.token])

@@ -28,6 +28,9 @@ TIME_TO_FIRST_CHUNK = Histogram(
 RETRIES = Counter("agent_turn_retries_total", "Attempts that failed and were retried, by code.",
                   ["code"])
 IN_FLIGHT = Gauge("agent_turn_in_flight", "Turn attempts running now.")
+TAKEOVERS = Counter("agent_turn_takeovers_total",
+                    "Task messages of dead workers handed on by this one, by whether the turn "
+                    "was running or still queued.", ["kind"])
 CHUNKS = Counter("agent_turn_chunks_published_total", "agent_message events published.")
 
 _started = threading.Lock()

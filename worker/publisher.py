@@ -38,16 +38,21 @@ import redis
 from redis.exceptions import NoScriptError
 
 from config.settings import Settings, get_settings
-from worker.errors import EventBusUnavailable
+from worker.errors import EventBusUnavailable, TurnTakenOver
+from worker.locks import Lease
 from worker.ownership import owner_key
 from worker.questions import question_key
 
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log, KEYS[3]: the id and seq of its
-# last publish. ARGV: channel, message JSON without its closing brace, counter TTL, log TTL (both
-# in seconds), log length bound, publish id. Returns the seq the message went out with. The log
-# entry and the pub/sub message are the same bytes.
+# last publish, KEYS[4] (when the turn holds its conversation's lease): the lease. ARGV: channel,
+# message JSON without its closing brace, counter TTL, log TTL (both in seconds), log length
+# bound, publish id, the lease's token. Returns the seq the message went out with. The log entry
+# and the pub/sub message are the same bytes.
+#
+# The lease is the fence between two copies of a turn (worker/takeover.py): once another worker
+# has taken the turn over, a copy that was only paused publishes nothing more.
 #
 # A publish whose reply was lost (Redis restarted or the connection broke after it ran) is sent
 # again by the client's retry with the same publish id; it must not go out a second time under a
@@ -60,6 +65,9 @@ if last then
   if string.sub(last, 1, sep - 1) == ARGV[6] then
     return tonumber(string.sub(last, sep + 1))
   end
+end
+if KEYS[4] and redis.call('GET', KEYS[4]) ~= ARGV[7] then
+  return redis.error_reply('FENCED another worker holds the turn now')
 end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
@@ -479,6 +487,15 @@ class EventBus:
             raise EventBusUnavailable(f"reading the turn's event counter failed: {exc}",
                                       message_id=message_id) from exc
 
+    def last_event(self, message_id: str) -> str | None:
+        """The kind of the last event on the turn's replay log (None: nothing logged)."""
+        try:
+            entries = self.redis.xrevrange(replay_log_key(message_id), count=1)
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"reading the turn's replay log failed: {exc}",
+                                      message_id=message_id) from exc
+        return json.loads(entries[0][1][b"data"])["event"] if entries else None
+
     def client_text(self, message_id: str) -> ClientText:
         """What a client following this turn shows now, read back from the replay log.
 
@@ -501,7 +518,8 @@ class EventBus:
                 chars, resumable = len(event["answer"]), event["answer"] == ""
         return ClientText(published=published, chars=chars, resumable=resumable)
 
-    def publish(self, ids: TurnIds, event: str, fields: dict[str, Any]) -> int:
+    def publish(self, ids: TurnIds, event: str, fields: dict[str, Any],
+                fence: Lease | None = None) -> int:
         # ``id`` as Dify's server sends it: the message id on message-level events (Dify's
         # web client reads the message id from it), the step's id on agent_thought.
         message = {
@@ -522,6 +540,9 @@ class EventBus:
         keys = [seq_key(stream), replay_log_key(stream), last_publish_key(stream)]
         args = [self._channel_for(stream), body[:-1], self._state_ttl, log_ttl,
                 policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}"]
+        if fence is not None:
+            keys.append(fence.key)
+            args.append(fence.token)
         # A refused connection is retried here (redis-py retries failures after connecting,
         # not a refused connect): a Redis restart or failover of a few seconds costs the turn
         # latency, not an attempt. Every retry, here or in redis-py, resends the same publish
@@ -534,6 +555,12 @@ class EventBus:
                     raise EventBusUnavailable(f"publishing {event} failed: {exc}",
                                               message_id=ids.message_id) from exc
                 time.sleep(pause)
+            except redis.ResponseError as exc:
+                if str(exc).startswith("FENCED"):
+                    raise TurnTakenOver(f"{event} not published: {exc}",
+                                        message_id=ids.message_id) from None
+                raise EventBusUnavailable(f"publishing {event} failed: {exc}",
+                                          message_id=ids.message_id) from exc
             except redis.RedisError as exc:
                 raise EventBusUnavailable(f"publishing {event} failed: {exc}",
                                           message_id=ids.message_id) from exc
@@ -559,7 +586,9 @@ class TurnPublisher:
         self._flush_pending = False
         self._first_sent = False
         self._first_text_sent = False
-        self._failure: EventBusUnavailable | None = None
+        self._failure: EventBusUnavailable | TurnTakenOver | None = None
+        # The lease this turn's copy holds while it runs: its events go out only while it does.
+        self.fence: Lease | None = None
         self.chunks_published = 0
         self.chars_published = 0
         self.steps_published = 0
@@ -604,7 +633,7 @@ class TurnPublisher:
             self._pending = [item for item in self._pending if isinstance(item, dict)]
             self._buffered_chars = 0
             self._flush_locked()
-            self._bus.publish(self.ids, "message_replace", {"answer": answer})
+            self._bus.publish(self.ids, "message_replace", {"answer": answer}, self.fence)
 
     def end(self, answer: str, metadata: dict[str, Any], *, status: str = "succeeded") -> None:
         """The turn's last event: ``status`` is ``succeeded``, or ``stopped`` with the partial
@@ -613,21 +642,22 @@ class TurnPublisher:
             self._raise_failure()
             self._flush_locked()
             self._bus.publish(self.ids, "message_end",
-                              {"answer": answer, "metadata": metadata, "status": str(status)})
+                              {"answer": answer, "metadata": metadata, "status": str(status)},
+                              self.fence)
 
     def event(self, event: str, fields: dict[str, Any]) -> None:
         """Any other event of the turn, after everything queued before it."""
         with self._lock:
             self._raise_failure()
             self._flush_locked()
-            self._bus.publish(self.ids, event, fields)
+            self._bus.publish(self.ids, event, fields, self.fence)
 
     def error(self, *, status: int, code: str, message: str) -> None:
         with self._lock:
             self._pending.clear()
             self._buffered_chars = 0
             self._bus.publish(self.ids, "error",
-                              {"status": status, "code": code, "message": message})
+                              {"status": status, "code": code, "message": message}, self.fence)
 
     def discard(self) -> None:
         """Drop what is queued and not yet out: the attempt failed, and its ``error`` (or the
@@ -653,7 +683,7 @@ class TurnPublisher:
                 return
             try:
                 self._flush_locked()
-            except EventBusUnavailable as exc:
+            except (EventBusUnavailable, TurnTakenOver) as exc:
                 self._failure = exc
 
     def _flush_locked(self) -> None:
@@ -662,12 +692,12 @@ class TurnPublisher:
             item = self._pending[0]
             if isinstance(item, list):
                 text = "".join(item)
-                self._bus.publish(self.ids, "agent_message", {"answer": text})
+                self._bus.publish(self.ids, "agent_message", {"answer": text}, self.fence)
                 self._buffered_chars -= len(text)
                 self.chunks_published += 1
                 self.chars_published += len(text)
             else:
-                self._bus.publish(self.ids, "agent_thought", item)
+                self._bus.publish(self.ids, "agent_thought", item, self.fence)
                 self.steps_published += 1
             self._pending.pop(0)
         self._buffered_chars = 0

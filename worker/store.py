@@ -139,6 +139,10 @@ class AssistantMessage(Base):
     # given, the run's snapshot to resume from and the turn's payload (worker/questions.py).
     pending_input: Mapped[dict[str, Any] | None] = mapped_column(JsonColumn)
     input_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # How often a live worker took this turn over from a dead one, and the last dead worker's
+    # name (worker/takeover.py): an operator's trace of a crash the user did not notice.
+    takeovers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    taken_over_from: Mapped[str | None] = mapped_column(String(255))
 
 
 class AgentThought(Base):
@@ -183,6 +187,8 @@ class MessageState:
     error: str | None
     pending_input: dict[str, Any] | None = None
     input_expires_at: datetime | None = None
+    takeovers: int = 0
+    taken_over_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +386,18 @@ class SessionStore:
                 .values(run_id=run_id, run_count=run_count, base_version=base_version,
                         updated_at=_now())
             )
+
+    def record_takeover(self, message_id: str, dead_worker: str) -> bool:
+        """Note on a running turn's row that a live worker took it over from ``dead_worker``;
+        whether the turn was running (a queued or finished one is left as it is)."""
+        with self._transaction(message_id) as session:
+            result = session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == message_id,
+                       AssistantMessage.status == MessageStatus.RUNNING)
+                .values(takeovers=AssistantMessage.takeovers + 1,
+                        taken_over_from=dead_worker[:255], updated_at=_now()))
+        return result.rowcount == 1
 
     def save_success(
         self,
@@ -596,4 +614,5 @@ def _state_of(row: AssistantMessage) -> MessageState:
                         run_count=row.run_count, base_version=row.base_version,
                         answer=row.answer, usage=row.usage, created_at=row.created_at,
                         error_code=row.error_code, error=row.error,
-                        pending_input=row.pending_input, input_expires_at=row.input_expires_at)
+                        pending_input=row.pending_input, input_expires_at=row.input_expires_at,
+                        takeovers=row.takeovers or 0, taken_over_from=row.taken_over_from)

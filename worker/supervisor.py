@@ -8,10 +8,15 @@ itself that a user pressed stop, that Flower revoked its task, or that its deadl
   Celery's revoked set (a revoke from Flower or ``celery control``), so noticing costs no polling
   of Redis per turn;
 - a turn past its deadline is stopped the same way, with another reason;
-- conversation leases are renewed in one pipelined round trip every third of their TTL.
+- conversation leases, and the worker's alive key, are renewed in one pipelined round trip
+  every quarter of their TTL. That renewal is the proof of life other workers go by
+  (worker/takeover.py): a lease found in another's hands means the turn was taken over while
+  this process was paused or cut off, and its copy here is stopped (``TAKEN_OVER``).
 
 Stopping a turn sets its ``TurnControl`` flag, asks the backend to cancel the run (so the model is
-not paid for further) and shuts the turn's stream socket, so the blocked read returns at once.
+not paid for further) and shuts the turn's stream socket, so the blocked read returns at once. A
+turn taken over is stopped the same way, except that its run is not cancelled: the worker that
+took it over is following that run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 CONTROL_CHANNEL = "agent-turn:control"
 STOPPED = "stopped"
 DEADLINE = "deadline"
+TAKEN_OVER = "taken_over"
 
 
 def stop_key(message_id: str) -> str:
@@ -109,7 +115,7 @@ class TurnSupervisor:
         self._redis = redis_client
         self._backend = backend
         self._locks = locks
-        self._renew_every = lease_ttl_seconds / 3
+        self._renew_every = lease_ttl_seconds / 4
         self._tick = tick_seconds
         self._controls: dict[str, TurnControl] = {}
         self._guard = threading.Lock()
@@ -123,11 +129,16 @@ class TurnSupervisor:
         control = TurnControl(task_id, message_id, time.monotonic() + deadline_seconds)
         with self._guard:
             self._controls[message_id] = control
+        self.start()
+        return control
+
+    def start(self) -> None:
+        """Run the supervisor thread (a worker starts it when ready, to prove itself alive)."""
+        with self._guard:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="turn-supervisor",
                                                 daemon=True)
                 self._thread.start()
-        return control
 
     def unregister(self, control: TurnControl) -> None:
         with self._guard:
@@ -146,10 +157,12 @@ class TurnSupervisor:
             return len(self._controls)
 
     def interrupt(self, control: TurnControl, reason: str) -> None:
-        """Stop one turn: flag it, shut its stream and cancel its backend run."""
+        """Stop one turn: flag it, shut its stream and cancel its backend run (unless the turn
+        was taken over: the run goes on for the worker that has it now)."""
         if control.interrupt(reason):
             log.info("turn %s interrupted (%s)", control.message_id, reason)
-            self.cancel_run_soon(control)
+            if reason != TAKEN_OVER:
+                self.cancel_run_soon(control)
 
     def cancel_run_soon(self, control: TurnControl) -> None:
         if control.run_id is not None:
@@ -228,10 +241,23 @@ class TurnSupervisor:
             return
         # A turn that ended during the round trip released its lease: not a loss.
         with self._guard:
-            held = {c.lease for c in self._controls.values() if c.lease is not None}
+            holders = {c.lease: c for c in self._controls.values() if c.lease is not None}
         for lease in lost:
-            if lease in held:
-                log.warning("conversation lease %s was lost while its turn ran", lease.key)
+            control = holders.get(lease)
+            if control is None:
+                continue
+            if self._locks.retake(lease):
+                if control.lease is not lease:  # the turn ended meanwhile: give it back
+                    self._locks.release(lease)
+                    continue
+                log.warning("conversation lease %s of turn %s lapsed while it ran (this "
+                            "process was slow); nobody had taken it over, so it goes on",
+                            lease.key, control.message_id)
+            else:
+                log.warning("turn %s was taken over by another worker (its lease %s is "
+                            "another's now); stopping this copy", control.message_id,
+                            lease.key)
+                self.interrupt(control, TAKEN_OVER)
 
 
 def _celery_revoked() -> Any:

@@ -19,11 +19,17 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 from celery.signals import task_revoked, worker_init, worker_ready
 from celery.worker.request import Request
 
-from config.celery import RESUME_TASK_NAME, TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
+from config.celery import (
+    RESUME_TASK_NAME,
+    TURN_ARGSREPR,
+    TURN_TASK_NAME,
+    is_redis_url,
+    turn_kwargsrepr,
+)
 from config.settings import Settings, get_settings
 from worker import metrics
 from worker.app import app
@@ -35,6 +41,7 @@ from worker.errors import (
     HumanInputRefused,
     InvalidTurnPayload,
     NotTheOwner,
+    TurnTakenOver,
 )
 from worker.logs import excerpt, log_stage
 from worker.ownership import owner_fingerprint, refusal_stream
@@ -47,6 +54,14 @@ from worker.payload import (
 )
 from worker.progress import ProgressReporter, TurnProgress
 from worker.publisher import EventBus, TurnIds
+from worker.takeover import (
+    Delivery,
+    DeliveryRegistry,
+    TakeoverWatcher,
+    broker_id,
+    name_this_worker,
+    this_worker,
+)
 from worker.turn import (
     TurnServices,
     end_stopped_before_running,
@@ -120,7 +135,20 @@ class TurnRequest(Request):
     Celery's bookkeeping after it, which then reports the task succeeded with no result. The
     revoked set alone already stops the turn within the supervisor's tick, so a running turn
     ends the same way on every pool, with one end event.
+
+    Every turn request is also listed in its worker's deliveries from the moment it is built
+    until its message is acknowledged or rejected, so that a live worker can hand it on at
+    once if this one dies (worker/takeover.py).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._held_tag: str | None = None
+        if _deliveries is not None:
+            delivery = _delivery_of(self)
+            if delivery is not None:
+                _deliveries.hold(delivery)
+                self._held_tag = delivery.tag
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         if self.time_start:
@@ -128,6 +156,41 @@ class TurnRequest(Request):
                      self.id)
             return
         super().terminate(pool, signal)
+
+    def acknowledge(self) -> None:
+        super().acknowledge()
+        self._forget()
+
+    def reject(self, requeue: bool = False) -> None:
+        super().reject(requeue=requeue)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self._held_tag is not None and _deliveries is not None:
+            _deliveries.forget(self._held_tag)
+            self._held_tag = None
+
+
+_deliveries: DeliveryRegistry | None = None
+
+
+def _delivery_of(request: Request) -> Delivery | None:
+    """What handing this message on takes: for a Redis broker its delivery tag (the message
+    itself waits in kombu's unacked hash); for another broker, a copy's kwargs as well."""
+    tag = getattr(request.message, "delivery_tag", None)
+    if tag is None:
+        return None
+    kwargs = request.kwargs if isinstance(request.kwargs, dict) else {}
+    body = kwargs.get("turn") or kwargs.get("answer")
+    message_id = body.get("message_id") if isinstance(body, dict) else None
+    info = request.delivery_info or {}
+    return Delivery(
+        tag=str(tag), task=request.name, task_id=request.id,
+        exchange=str(info.get("exchange") or ""), routing_key=str(info.get("routing_key") or ""),
+        message_id=message_id if isinstance(message_id, str) else None,
+        retries=int(request.request_dict.get("retries") or 0),
+        broker=broker_id(app.conf.broker_url),
+        kwargs=None if is_redis_url(app.conf.broker_url) else kwargs)
 
 
 @app.task(name=TURN_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -177,6 +240,8 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
         _refuse_not_owned(services, payload, task_id, refused)
         progress.failed(refused.code, retrying=False)
         raise
+    except TurnTakenOver as taken:
+        raise _stand_down(task_id, taken) from None
     except ConversationBusy as busy:
         if _waited_too_long(busy, settings):
             failure: AgentBackendError = busy
@@ -191,6 +256,14 @@ def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -
                                     message_id=payload.message_id)
 
     _retry_or_fail(self, services, _ids(payload, task_id), failure, progress, _shown(turn))
+
+
+def _stand_down(task_id: str, taken: TurnTakenOver) -> Ignore:
+    """End a copy whose turn another worker took over: no result, no event, no write (the
+    task's state and the turn's end are the other copy's to set); the message is acknowledged."""
+    log.warning("turn %s (task %s): taken over by another worker while this one was paused "
+                "or cut off; this copy stops without publishing", taken.message_id, task_id)
+    return Ignore()
 
 
 def _retry_or_fail(task: Task, services: TurnServices, ids: TurnIds, failure: AgentBackendError,
@@ -215,7 +288,7 @@ def _retry_or_fail(task: Task, services: TurnServices, ids: TurnIds, failure: Ag
 
 
 @app.task(name=RESUME_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-          max_retries=None)
+          max_retries=None, Request=TurnRequest)
 def resume_turn_task(self: Task, *args: Any, answer: Any = None,
                      **unexpected: Any) -> dict[str, Any]:
     """The continuation of a message after its user answered the question it asked.
@@ -247,6 +320,8 @@ def resume_turn_task(self: Task, *args: Any, answer: Any = None,
         log.warning("answer to turn %s refused (task %s): %s", request.message_id, task_id,
                     refused)
         raise
+    except TurnTakenOver as taken:
+        raise _stand_down(task_id, taken) from None
     except ConversationBusy as busy:
         raise _retry(self, exc=busy, countdown=settings.conversation_wait_retry_seconds,
                      max_retries=None) from None
@@ -257,6 +332,64 @@ def resume_turn_task(self: Task, *args: Any, answer: Any = None,
         failure = AgentBackendError(f"internal error: {type(exc).__name__}",
                                     message_id=request.message_id)
     _retry_or_fail(self, services, ids, failure, progress, {})
+
+
+@worker_init.connect
+def _name_this_worker(sender: Any = None, **_: Any) -> None:
+    """Name the process and list the messages it holds from its first delivery on."""
+    global _deliveries
+    settings = get_settings()
+    name = name_this_worker(getattr(sender, "hostname", None) or "worker")
+    client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5,
+                                  socket_connect_timeout=5, health_check_interval=30)
+    _deliveries = DeliveryRegistry(client, name)
+    log.info("worker %s: a dead worker's turns are taken over within about %.1f s", name,
+             settings.conversation_lease_seconds + settings.takeover_scan_seconds)
+
+
+@worker_ready.connect
+def _start_takeovers(**_: Any) -> None:
+    threading.Thread(target=_watch_for_dead_workers, name="takeover-start", daemon=True).start()
+
+
+def _watch_for_dead_workers() -> None:
+    """Prove this worker alive (its supervisor renews its alive key with its leases) and
+    watch for dead ones. Waits for the services: a store that is down at start-up delays
+    the watch, not the worker."""
+    settings = get_settings()
+    name = this_worker()
+    if name is None:
+        return
+    while True:
+        try:
+            services = get_services(settings)
+            break
+        except AgentBackendError as exc:
+            log.warning("the takeover watch waits for the worker's services: %s", exc)
+            time.sleep(settings.takeover_scan_seconds * 4)
+    services.supervisor.start()
+    TakeoverWatcher(services.bus.redis, name, interval=settings.takeover_scan_seconds,
+                    hand_on=_hand_on, record=services.store.record_takeover).start()
+
+
+def _hand_on(delivery: Delivery) -> bool:
+    """Put a dead worker's message back at the head of its queue: the original message for a
+    Redis broker (out of kombu's unacked hash: no second delivery at the visibility timeout),
+    a copy under the same task id for another broker. False if there was nothing to hand on
+    (acknowledged meanwhile, or a message of another broker than this worker's)."""
+    if delivery.broker != broker_id(app.conf.broker_url):
+        return False
+    if is_redis_url(app.conf.broker_url):
+        from worker.broker import restore_unacked
+
+        with app.connection_for_write() as connection:
+            return restore_unacked(connection.default_channel, delivery.tag)
+    if delivery.kwargs is None:
+        return False
+    app.send_task(delivery.task, kwargs=delivery.kwargs, task_id=delivery.task_id,
+                  queue=delivery.routing_key or get_settings().queue,
+                  retries=delivery.retries)
+    return True
 
 
 @worker_ready.connect

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,13 +39,14 @@ from worker.errors import (
     RunRejected,
     TransientRunFailure,
     TurnInterrupted,
+    TurnTakenOver,
     TurnTimedOut,
     status_for_code,
 )
-from worker.locks import ConversationLocks
+from worker.locks import ConversationLocks, Lease
 from worker.payload import HumanInputRequest, TurnPayload
 from worker.progress import TurnProgress
-from worker.publisher import EventBus, TurnIds, TurnPublisher
+from worker.publisher import TERMINAL_EVENTS, EventBus, TurnIds, TurnPublisher
 from worker.questions import (
     ASK_HUMAN_TOOL,
     HumanAnswer,
@@ -62,7 +63,8 @@ from worker.store import (
     SessionStore,
     make_engine,
 )
-from worker.supervisor import DEADLINE, STOPPED, TurnControl, TurnSupervisor
+from worker.supervisor import DEADLINE, STOPPED, TAKEN_OVER, TurnControl, TurnSupervisor
+from worker.takeover import this_worker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ class TurnServices:
         )
         store = SessionStore(make_engine(settings.database_url, pool_size=settings.db_pool_size))
         store.create_schema()
-        locks = ConversationLocks(bus.redis, ttl_seconds=settings.conversation_lease_seconds)
+        locks = ConversationLocks(bus.redis, ttl_seconds=settings.conversation_lease_seconds,
+                                  worker=this_worker())
         supervisor = TurnSupervisor(bus.redis, backend, locks,
                                     lease_ttl_seconds=settings.conversation_lease_seconds,
                                     tick_seconds=settings.supervisor_tick_seconds)
@@ -180,19 +183,38 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
                                 run_id=None)
         lease = services.locks.acquire(turn.conversation_id, turn.message_id)
         if lease is None:
+            _wait_for_own_copy(turn, services)
             queued = services.store.mark_queued(new)
             progress.queued()
             raise ConversationBusy(
                 f"conversation {turn.conversation_id} has a turn running",
                 message_id=turn.message_id,
             ).waiting_since(queued.created_at)
-        control.lease = lease
-        try:
-            return _attempt(turn, new, publisher, control, services, progress)
-        finally:
-            services.locks.release(lease)
+        return _holding(lease, control, publisher, services,
+                        lambda: _attempt(turn, new, publisher, control, services, progress))
     finally:
         services.supervisor.unregister(control)
+
+
+def _wait_for_own_copy(turn: TurnPayload, services: TurnServices) -> None:
+    """A delivery of a message whose own turn holds the lease is a second copy of it: the
+    original message, redelivered while a worker that took the turn over runs it (or the other
+    way round). It waits, without a time limit and without showing as queued, for that copy to
+    end or to die; then it finds the turn ended (and publishes nothing) or takes it over."""
+    if services.locks.holding_message(turn.conversation_id) == turn.message_id:
+        raise ConversationBusy(f"turn {turn.message_id} runs elsewhere; this copy waits",
+                               message_id=turn.message_id)
+
+
+def _holding(lease: Lease, control: TurnControl, publisher: TurnPublisher,
+             services: TurnServices, attempt: Callable[[], TurnOutcome]) -> TurnOutcome:
+    """Run ``attempt`` holding the conversation's lease, which also fences its events."""
+    control.lease = publisher.fence = lease
+    try:
+        return attempt()
+    finally:
+        control.lease = None  # before the release: the supervisor must not take it again
+        services.locks.release(lease)
 
 
 def end_stopped_before_running(turn: TurnPayload, *, task_id: str,
@@ -229,7 +251,7 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
              progress: TurnProgress) -> TurnOutcome:
     state = services.store.begin_attempt(new)
     if state.status in FINISHED_STATUSES:
-        return _re_emit_end(turn, state, publisher)
+        return _re_emit_end(turn, state, publisher, services)
     if state.status == MessageStatus.AWAITING_INPUT:
         return _re_emit_question(turn, state, publisher)
     progress.attempt_started(state.attempts)
@@ -254,6 +276,7 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
         result = _follow_run(run_id, turn, publisher, services, control, streamed, progress,
                              steps, skip_chars)
     except AgentBackendError as exc:
+        _stop_if_taken_over(exc, control, publisher)
         exc.attempts = state.attempts
         stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
                                  attempts=state.attempts)
@@ -294,9 +317,25 @@ def _follow_run(run_id: str, turn: TurnPayload, publisher: TurnPublisher,
                      snapshot=snapshot, usage=usage)
 
 
+def _stop_if_taken_over(exc: AgentBackendError, control: TurnControl,
+                        publisher: TurnPublisher) -> None:
+    """A copy whose turn another worker took over ends here, writing and publishing nothing."""
+    if isinstance(exc, TurnTakenOver) or control.stop_reason == TAKEN_OVER:
+        publisher.discard()
+        raise TurnTakenOver("another worker took the turn over; this copy stops",
+                            run_id=control.run_id, message_id=control.message_id) from None
+
+
 def _end_leg(turn: TurnPayload, publisher: TurnPublisher, services: TurnServices,
              progress: TurnProgress, result: RunResult, *, run_id: str, base_version: int,
              streamed: StreamedAnswer, steps: StepTracker) -> TurnOutcome:
+    # The last writes of a copy that was paused past its lease must not land: the worker that
+    # took the turn over makes them. (The snapshot's version check fences the snapshot even
+    # in the moment between this check and the save.)
+    if publisher.fence is not None and not services.locks.holds(publisher.fence):
+        publisher.discard()
+        raise TurnTakenOver("another worker took the turn over; this copy stops",
+                            run_id=run_id, message_id=turn.message_id)
     if result.question is not None:
         return _ask(turn, publisher, services, progress, result.question,
                     terminal=result.terminal, run_id=run_id, base_version=base_version,
@@ -440,11 +479,9 @@ def resume_turn(answer: HumanInputRequest, *, task_id: str, services: TurnServic
         if lease is None:
             raise ConversationBusy(f"conversation {turn.conversation_id} has a turn running",
                                    message_id=turn.message_id)
-        control.lease = lease
-        try:
-            return _continue(turn, pending, publisher, control, services, progress)
-        finally:
-            services.locks.release(lease)
+        return _holding(lease, control, publisher, services,
+                        lambda: _continue(turn, pending, publisher, control, services,
+                                          progress))
     finally:
         services.supervisor.unregister(control)
 
@@ -487,7 +524,8 @@ def _continue(turn: TurnPayload, pending: dict[str, Any], publisher: TurnPublish
         progress.run_started(run_id, reattached=skip_chars > 0, seconds=0.0)
         result = _follow_run(run_id, turn, publisher, services, control, streamed, progress,
                              steps, skip_chars)
-    except AgentBackendError:
+    except AgentBackendError as exc:
+        _stop_if_taken_over(exc, control, publisher)
         stopped = _after_failure(new, publisher, control, services, progress, streamed, steps,
                                  attempts=None)
         if stopped is not None:
@@ -497,11 +535,17 @@ def _continue(turn: TurnPayload, pending: dict[str, Any], publisher: TurnPublish
                     base_version=base_version, streamed=streamed, steps=steps)
 
 
-def _re_emit_end(turn: TurnPayload, state: MessageState,
-                 publisher: TurnPublisher) -> TurnOutcome:
-    """A redelivered finished turn: tell a waiting client how it ended, touch nothing else."""
-    log.info("turn %s already %s; re-emitting its end", turn.message_id, state.status)
+def _re_emit_end(turn: TurnPayload, state: MessageState, publisher: TurnPublisher,
+                 services: TurnServices) -> TurnOutcome:
+    """A redelivered finished turn: if its end is not on its replay log (publishing it failed
+    after the save), tell a waiting client how it ended; touch nothing else either way."""
     answer = state.answer or ""
+    if services.bus.last_event(turn.message_id) in TERMINAL_EVENTS:
+        log.info("turn %s already %s, its end on the log; this delivery publishes nothing",
+                 turn.message_id, state.status)
+        return TurnOutcome(turn.message_id, state.run_id, answer, state.usage, 0,
+                           status=state.status, replayed=True)
+    log.info("turn %s already %s; re-emitting its end", turn.message_id, state.status)
     if state.status == MessageStatus.FAILED:
         code = state.error_code or AgentBackendError.code
         publisher.error(status=status_for_code(code), code=code, message=state.error or "")
