@@ -19,9 +19,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from tests.conftest import (
 from worker.client import submit_turn
 from worker.ownership import owner_fingerprint, owner_key, refusal_stream
 from worker.publisher import EventBus, TurnIds, replay_log_key
+from worker.questions import answered_key
 
 ARTIFACTS = ROOT / "artifacts"
 # The owner of make_turn's turns and of RunningGateway.token's default tokens, and another one.
@@ -765,6 +767,222 @@ def test_request_values_cannot_forge_a_line_of_the_gateways_log_or_flood_it(
     assert any(f"stream of turn {escaped_id} refused: token_missing" in line for line in lines)
     assert any(f"{'m' * 512}…(+{6_000 - 512} chars) refused" in line for line in lines)
     assert max(len(line) for line in lines) < 5_000
+
+
+# Answers through the gateway ------------------------------------------------------------------
+
+
+def answers_url(gateway: RunningGateway, message_id: str) -> str:
+    return f"{gateway.url}/v1/turns/{message_id}/human-input"
+
+
+def post_answer(gateway: RunningGateway, message_id: str, body: Any = None, *,
+                token: str | None, content: bytes | Iterator[bytes] | None = None,
+                in_query: bool = False) -> httpx.Response:
+    """POST an answer with a stream token as a browser does: a Bearer header, or ?token=."""
+    headers = {"Authorization": f"Bearer {token}"} if token and not in_query else {}
+    params = {"token": token} if token and in_query else {}
+    return httpx.post(answers_url(gateway, message_id), json=body, content=content,
+                      headers=headers, params=params, timeout=httpx.Timeout(10.0))
+
+
+def refusal(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert body["status"] == response.status_code and body["message"]
+    return response.status_code, body["code"]
+
+
+def record_question(bus: EventBus, message_id: str, *, expires_in: float = 600.0) -> None:
+    """A message waiting for an answer to ``call_1``, recorded as the worker records it."""
+    from worker.questions import question_from_call
+
+    record_owner(bus, message_id)
+    question = question_from_call(
+        {"tool_call_id": "call_1", "tool_name": "ask_human", "args": {"question": "Sure?"}},
+        run_id="run-1", message_id=message_id)
+    expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
+    bus.record_question(message_id, question.record(expires_at, tenant_id="tenant-1",
+                                                    app_id="app-1", user_id="user-1"),
+                        ttl_seconds=600)
+
+
+def ask_and_read(gateway: RunningGateway, pool: ThreadPoolExecutor, token: str,
+                 message_id: str) -> tuple[Any, dict[str, Any]]:
+    """Read the turn's stream in the background until it asks; the read and the question."""
+    asked = threading.Event()
+    question: dict[str, Any] = {}
+
+    def on_frame(frame: SSEFrame) -> None:
+        if frame.event is None and frame.json()["event"] == "human_input_required":
+            question.update(frame.json())
+            asked.set()
+
+    read = pool.submit(read_stream, gateway.events_url(message_id), token=token,
+                       on_frame=on_frame)
+    assert asked.wait(WAIT_SECONDS), "the turn did not ask"
+    return read, question
+
+
+@SQLITE_WORKER
+def test_an_answer_posted_with_the_stream_token_resumes_the_turn_on_the_open_stream(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human through the gateway")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    with ThreadPoolExecutor(1) as pool:
+        read, asked = ask_and_read(gateway, pool, submitted.stream_token, turn["message_id"])
+        posted = post_answer(gateway, turn["message_id"],
+                             {"tool_call_id": asked["tool_call_id"], "action": "submit",
+                              "values": {"answer": "yes"}}, token=submitted.stream_token)
+        stream = read.result(WAIT_SECONDS)
+    truth = listener.wait_for_end()
+
+    assert posted.status_code == 202 and posted.json()["task_id"]
+    assert_exactly_the_turn(stream, truth)
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert truth[-1]["task_id"] == posted.json()["task_id"], "the continuation ended it"
+    assert truth[-1]["answer"] == ('Tool ask_human said: {"status":"submitted","action":'
+                                   '{"id":"submit","label":"Submit"},"values":{"answer":"yes"}}')
+    assert f"answer to turn {turn['message_id']} from user user-1 enqueued" in (
+        gateway.log_path.read_text())
+
+
+@SQLITE_WORKER
+def test_a_second_answer_to_the_same_question_is_refused_with_409(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human twice")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    asked = listener.wait_for("human_input_required")
+    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+
+    first = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
+    second = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
+    truth = listener.wait_for_end()
+
+    assert first.status_code == 202
+    assert refusal(second) == (409, "human_input_refused")
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert len(stub.runs(turn["message_id"])) == 2, "the question's run and one continuation"
+
+
+@SQLITE_WORKER
+def test_an_answer_with_another_owners_token_is_refused_and_the_question_stays_open(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human who are you")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    asked = listener.wait_for("human_input_required")
+    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+
+    intruder = post_answer(gateway, turn["message_id"], answer,
+                           token=gateway.token(turn["message_id"], tenant_id="tenant-2"))
+    unknown = post_answer(gateway, "msg-nobody-asked", answer,
+                          token=gateway.token("msg-nobody-asked", tenant_id="tenant-2"))
+    other_turn = post_answer(gateway, turn["message_id"], answer,
+                             token=gateway.token("msg-another-one"))
+    no_token = post_answer(gateway, turn["message_id"], answer, token=None)
+    still_waiting = celery_worker.store.get_message(turn["message_id"])
+    owner = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token,
+                        in_query=True)
+    truth = listener.wait_for_end()
+
+    assert refusal(intruder) == (409, "human_input_refused")
+    assert intruder.json() == unknown.json(), "it must not tell the message exists"
+    assert refusal(other_turn) == (403, "token_wrong_turn")
+    assert refusal(no_token) == (401, "token_missing")
+    assert still_waiting is not None and still_waiting.status == "awaiting_input"
+    assert owner.status_code == 202
+    assert truth[-1]["event"] == "message_end"
+    assert len(stub.runs(turn["message_id"])) == 2, "only the owner's answer ran"
+
+
+NOT_AN_ANSWER: dict[str, bytes] = {
+    "not JSON": b"tool_call_id=call_1&action=submit",
+    "not UTF-8": b'{"tool_call_id": "call_1", "action": "\xff"}',
+    "a list": b'[{"tool_call_id": "call_1", "action": "submit"}]',
+    "an unknown field": b'{"tool_call_id": "call_1", "action": "submit", "tenant_id": "t"}',
+    "no action": b'{"tool_call_id": "call_1"}',
+    "a number as action": b'{"tool_call_id": "call_1", "action": 5}',
+    "values not an object": b'{"tool_call_id": "call_1", "action": "submit", "values": "yes"}',
+    "NaN in values": b'{"tool_call_id": "call_1", "action": "submit", "values": {"a": NaN}}',
+    "values nested deep": b'{"tool_call_id": "call_1", "action": "submit", "values": '
+                          + b'{"a": ' * 5 + b"1" + b"}" * 6,
+    "nesting past the parser": b"[" * 10_000 + b"]" * 10_000,
+    "values over the limit, body within": json.dumps(
+        {"tool_call_id": "call_1", "action": "submit",
+         "values": {"a": "x" * (16 * 1024)}}).encode(),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_AN_ANSWER))
+def test_a_body_that_is_not_an_answer_is_a_bad_request_and_claims_nothing(
+    case: str, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id)
+
+    response = post_answer(gateway, ids.message_id, content=NOT_AN_ANSWER[case],
+                           token=gateway.token(ids.message_id))
+
+    assert refusal(response) == (400, "invalid_param")
+    assert len(response.content) < 2_000
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(
+    declared: bool, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id)
+    oversize = b'{"tool_call_id": "call_1", "action": "submit", "values": {"a": "' \
+        + b"x" * 2_000_000 + b'"}}'
+
+    def in_pieces() -> Iterator[bytes]:
+        for start in range(0, len(oversize), 16_384):
+            yield oversize[start:start + 16_384]
+
+    response = post_answer(gateway, ids.message_id, token=gateway.token(ids.message_id),
+                           content=oversize if declared else in_pieces())
+
+    assert refusal(response) == (413, "payload_too_large")
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
+    assert gateway.health()["redis_connected"], "the gateway is still serving"
+
+
+def test_an_answer_to_a_message_that_is_not_waiting_is_refused_with_409(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    finished = new_ids()
+    publish_turn(event_bus, finished, ["no question asked"])
+    answer = {"tool_call_id": "call_1", "action": "submit", "values": {}}
+
+    response = post_answer(gateway, finished.message_id, answer,
+                           token=gateway.token(finished.message_id))
+
+    assert refusal(response) == (409, "human_input_refused")
+
+
+def test_an_answer_after_the_questions_expiry_is_refused_with_410(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id, expires_in=-1)
+
+    response = post_answer(gateway, ids.message_id,
+                           {"tool_call_id": "call_1", "action": "submit", "values": {}},
+                           token=gateway.token(ids.message_id))
+
+    assert refusal(response) == (410, "human_input_expired")
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
 
 
 # The demo page in a browser -----------------------------------------------------------------
