@@ -1,5 +1,6 @@
 """The SSE gateway as a client sees it: a real gateway process on a socket, real Redis, real SSE
-clients (httpx), and the real worker and stub backend where a whole turn matters.
+clients (httpx), a real browser for the demo page (headless Chromium, driven by Playwright where
+it must click and wait), and the real worker and stub backend where a whole turn matters.
 
 Ground truth is a plain pub/sub subscriber present from before a turn starts: every gateway
 client, however late it comes or however often it reconnects, must end up with exactly its
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -48,6 +49,9 @@ from worker.client import submit_turn
 from worker.ownership import owner_fingerprint, owner_key, refusal_stream
 from worker.publisher import EventBus, TurnIds, replay_log_key
 from worker.questions import answered_key
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 ARTIFACTS = ROOT / "artifacts"
 # The owner of make_turn's turns and of RunningGateway.token's default tokens, and another one.
@@ -996,12 +1000,17 @@ def _chromium() -> str:
                 "(it installs Chromium when missing) or apt-get install -y chromium.")
 
 
+# What Chromium needs to run headless here (as root, in a container, offline), and nothing of
+# its own traffic: no sync, updates or background requests.
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage")
+
+
 def _run_chromium(url: str, *actions: str, timeout: float = 40.0) -> str:
     with tempfile.TemporaryDirectory() as profile:
         completed = subprocess.run(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+            [_chromium(), "--headless", *CHROMIUM_ARGS, f"--user-data-dir={profile}",
              "--window-size=900,700", "--virtual-time-budget=15000", *actions, url],
             capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "HOME": profile})
@@ -1033,6 +1042,216 @@ def test_the_demo_page_shows_the_turn_streaming_in_a_browser(
     assert answer.startswith("[turn 1] You said: show me in a browser.")
     assert f'<div id="answer">{answer}</div>' in dom
     assert f"done: {len(truth)} events, last seq {truth[-1]['seq']}" in dom
+    assert screenshot.stat().st_size > 10_000
+
+
+@dataclass
+class DemoPage:
+    """The demo page in a real browser (Playwright driving Chromium), and what it did: the
+    requests it made, the script errors and dialogs it met (an escaped page has none)."""
+
+    page: Page
+    requests: list[str] = field(default_factory=list)
+    script_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def open(self, gateway: RunningGateway, message_id: str, token: str) -> None:
+        self.page.goto(f"{gateway.url}/demo?message_id={message_id}&token={token}")
+
+    def wait_until_ended(self) -> None:
+        from playwright.sync_api import expect
+
+        expect(self.page.locator("#status")).to_have_attribute("data-state", "ended")
+
+    @property
+    def stream_requests(self) -> list[str]:
+        return [url for url in self.requests if "/events" in url]
+
+    def steps(self) -> list[dict[str, str | None]]:
+        """Each step as the page shows it, in the page's order, opened first (a click on its
+        summary, as a reader would)."""
+        from playwright.sync_api import expect
+
+        shown = []
+        for box in self.page.locator("#steps details").all():
+            box.locator("summary").click()
+            expect(box).to_have_attribute("open", "")
+            fields = {name: box.locator(f"pre.{name}").all_text_contents()
+                      for name in ("thought", "tool-input", "observation")}
+            shown.append({"id": box.get_attribute("data-step-id"),
+                          "summary": box.locator("summary").text_content(),
+                          **{name: (texts[0] if texts else None)
+                             for name, texts in fields.items()}})
+        return shown
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        path.unlink(missing_ok=True)
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+# Run in the page before its own script: counts the EventSource objects the page makes.
+COUNT_EVENT_SOURCES = """
+window.eventSourcesOpened = 0;
+window.EventSource = class extends window.EventSource {
+  constructor(...args) { super(...args); window.eventSourcesOpened += 1; }
+};
+"""
+
+
+@pytest.fixture
+def demo_page() -> Iterator[DemoPage]:
+    """A fresh headless Chromium with the demo page's tab; every wait in it is bounded.
+
+    Playwright is imported here, not with the module, so that the other gateway tests run in
+    a virtualenv made before it was a dev dependency; these two then say what to do.
+    """
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is not installed: the demo page tests need it. Run "
+                    "scripts/install (pip install -e '.[dev]').")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS,
+                                             timeout=30_000)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.set_default_timeout(WAIT_SECONDS * 1000)
+            page.add_init_script(COUNT_EVENT_SOURCES)
+            expect.set_options(timeout=WAIT_SECONDS * 1000)
+            shown = DemoPage(page)
+            page.on("request", lambda request: shown.requests.append(request.url))
+            page.on("pageerror", lambda error: shown.script_errors.append(str(error)))
+            page.on("dialog", lambda dialog: (shown.dialogs.append(dialog.message),
+                                              dialog.dismiss()))
+            yield shown
+        finally:
+            browser.close()
+
+
+def last_of_each_step(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps a client holds at the end: the newest version of each id, by position."""
+    steps: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event["event"] == "agent_thought":
+            steps[event["id"]] = event
+    return sorted(steps.values(), key=lambda step: step["position"])
+
+
+def as_the_page_shows(step: dict[str, Any]) -> dict[str, str | None]:
+    title = f"tool: {step['tool']}" if step["tool"] else "thinking"
+    tool_input = json.dumps(json.loads(step["tool_input"]), indent=2, ensure_ascii=False) \
+        if step["tool"] else None
+    return {"id": step["id"], "summary": f"Step {step['position']} · {title}",
+            "thought": step["thought"] or None, "tool-input": tool_input,
+            "observation": step["observation"] or None}
+
+
+@SQLITE_WORKER
+def test_the_demo_page_shows_each_step_once_with_its_tool_and_keeps_them_out_of_the_answer(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway, demo_page: DemoPage,
+) -> None:
+    hostile = "<img src=x onerror=alert(document.domain)>"
+    turn = make_turn(query=f"THINK, then CALL_TOOL:lookup the {hostile} tag")
+    stub.plan(turn["message_id"], answer_tokens=20, token_delay=0.02)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    demo_page.open(gateway, submitted.message_id, submitted.stream_token)
+    demo_page.wait_until_ended()
+    truth = listener.wait_for_end()
+    steps = last_of_each_step(truth)
+    shown = demo_page.steps()
+    screenshot = demo_page.screenshot("gateway-demo-steps.png")
+
+    page = demo_page.page
+    answer = truth[-1]["answer"]
+    assert [step["tool"] for step in steps if step["tool"]] == ["lookup"]
+    assert any(step["thought"] for step in steps)
+    sent = [event for event in truth if event["event"] == "agent_thought"]
+    assert len(sent) > len(steps), "a step was sent again as it grew, and replaced in place"
+    assert shown == [as_the_page_shows(step) for step in steps]
+    assert hostile in "".join(str(step["tool-input"]) for step in shown)
+    assert page.locator("#answer").text_content() == answer
+    assert answer.startswith("[turn 1] You said: THINK, then CALL_TOOL:lookup")
+    assert not [text for step in steps for text in (step["thought"], step["observation"])
+                if text and text.strip() in answer], "no step text in the answer"
+    assert page.locator("#status").text_content() == (
+        f"done: {len(truth)} events, last seq {truth[-1]['seq']}")
+    assert page.locator("img").count() == 0
+    assert (demo_page.dialogs, demo_page.script_errors) == ([], [])
+    assert screenshot.stat().st_size > 10_000
+
+
+@SQLITE_WORKER
+def test_the_demo_page_answers_the_agents_question_and_streams_the_rest_on_the_same_page(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway, demo_page: DemoPage,
+) -> None:
+    from playwright.sync_api import expect
+
+    question = {"title": "Ship it?", "question": "Deploy <b>v2</b> to production?",
+                "markdown": "**now** or never",
+                "fields": [{"name": "note", "label": "Note", "type": "paragraph"}],
+                "actions": [{"id": "approve", "label": "Approve", "style": "primary"},
+                            {"id": "reject", "label": "Reject", "style": "destructive"}],
+                "urgency": "high"}
+    turn = make_turn(query="deploy it")
+    stub.plan(turn["message_id"], process=[
+        {"thinking": "Ask first."},
+        {"ask_human": question},
+        {"tool": "deploy", "args": {"env": "prod"}, "result": "deployed v2"},
+    ])
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    demo_page.open(gateway, submitted.message_id, submitted.stream_token)
+    page = demo_page.page
+    form = page.locator("#question")
+    expect(form).to_be_visible()
+    expect(page.locator("#status")).to_have_attribute("data-state", "waiting")
+    asked_on_page = {"title": form.locator("h2").text_content(),
+                     "question": form.locator(".question").text_content(),
+                     "markdown": form.locator(".markdown").text_content(),
+                     "buttons": form.locator("button").all_text_contents()}
+    form.get_by_label("Note").fill("go <b>now</b>")
+    form.get_by_role("button", name="Approve").click()
+    expect(page.locator("#question-result")).to_have_attribute("data-state", "sent")
+    for control in form.locator("button, textarea").all():
+        expect(control).to_be_disabled()  # answered: the form takes no second answer
+    demo_page.wait_until_ended()
+    truth = listener.wait_for_end()
+    shown = demo_page.steps()
+    screenshot = demo_page.screenshot("gateway-demo-ask-human.png")
+
+    end = truth[-1]
+    assert asked_on_page == {"title": "Ship it?", "question": "Deploy <b>v2</b> to production?",
+                             "markdown": "**now** or never", "buttons": ["Approve", "Reject"]}
+    assert end["event"] == "message_end"
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert [event["event"] for event in truth].count("human_input_required") == 1
+    assert end["answer"] == ('Tool ask_human said: {"status":"submitted","action":'
+                             '{"id":"approve","label":"Approve"},'
+                             '"values":{"note":"go <b>now</b>"}}')
+    assert page.locator("#answer").text_content() == end["answer"]
+    assert page.locator("#status").text_content() == (
+        f"done: {len(truth)} events, last seq {end['seq']}")
+    # One EventSource for the whole message. It may have reconnected by itself, with
+    # Last-Event-ID (a loaded machine can get it cut off as a slow client): still that one.
+    assert page.evaluate("window.eventSourcesOpened") == 1
+    assert {url.partition("?")[0] for url in demo_page.stream_requests} == {
+        gateway.events_url(turn["message_id"])}
+    assert shown == [as_the_page_shows(step) for step in last_of_each_step(truth)]
+    asked, deployed = shown  # the thought and the question it led to make one step
+    assert (asked["summary"], asked["thought"]) == ("Step 1 · tool: ask_human", "Ask first.")
+    assert '"note":"go <b>now</b>"' in str(asked["observation"]), "completed by the answer"
+    assert (deployed["summary"], deployed["observation"]) == (
+        "Step 2 · tool: deploy", "deployed v2")
+    assert page.locator("b").count() == 0
+    assert (demo_page.dialogs, demo_page.script_errors) == ([], [])
     assert screenshot.stat().st_size > 10_000
 
 
