@@ -2,7 +2,9 @@
 
 ``GET /v1/turns/{message_id}/events`` streams one turn (docs/gateway.md); ``HEAD`` on it
 checks the token and the resume point only and answers at once (a HEAD handled as a GET would
-wait on the turn, with no body to send); ``GET /demo`` is a page that watches one in a browser;
+wait on the turn, with no body to send); ``POST /v1/turns/{message_id}/human-input`` takes the
+user's answer to the question the turn asked, with the same token, so that a browser holding
+only its stream token can answer; ``GET /demo`` is a page that watches one in a browser;
 ``GET /healthz`` says whether Redis is reachable and how many streams are open. Everything a
 stream needs is checked before the response starts — the token, the resume point, the owner,
 the subscription, the log — so a refusal is a JSON error, never a stream that stops early.
@@ -14,15 +16,20 @@ by ``python -m gateway``) escape and cut arguments, so they cannot forge or floo
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
+from celery import Celery
+from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -31,10 +38,17 @@ from config.settings import INSECURE_DEV_GATEWAY_SECRET, Settings, get_settings
 from gateway.relay import PubSubHub, ReplayLog, StreamCounters, StreamRefused, TurnStreams
 from gateway.sse import STREAM_HEADERS, EventStreamResponse
 from gateway.tokens import StreamClaims, TokenRejected, verify_stream_token
+from worker.client import producer_app, submit_human_input_for
+from worker.errors import AgentBackendError, InvalidTurnPayload
+from worker.payload import parse_human_answer
 
 log = logging.getLogger(__name__)
 
 DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
+# An answer's body may hold, besides its values (at most AGENT_TURN_MAX_HUMAN_INPUT_BYTES as
+# the payload counts them), the call id and action (up to 192 characters, escaped maybe six
+# bytes each) and the JSON around them. A body past this is refused before it is parsed.
+HUMAN_INPUT_BODY_SLACK_BYTES = 4096
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -76,14 +90,35 @@ def _resume_point(request: Request) -> int | None:
     return after if after <= MAX_RESUME_POINT else None
 
 
-def _claims_or_refusal(request: Request, secret: bytes) -> StreamClaims | Response:
-    """The token's claims for the path's turn, or the error response that refuses the stream."""
+def _claims_or_refusal(request: Request, secret: bytes,
+                       what: str = "stream") -> StreamClaims | Response:
+    """The token's claims for the path's turn, or the error response that refuses the request
+    (``what`` names it in the log: a stream, an answer)."""
     message_id = request.path_params["message_id"]
     try:
         return verify_stream_token(secret, _token_of(request), message_id=message_id)
     except TokenRejected as exc:
-        log.info("stream of turn %s refused: %s", message_id, exc.code)
+        log.info("%s of turn %s refused: %s", what, message_id, exc.code)
         return error_response(exc.status, exc.code, exc.message)
+
+
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than ``limit``: refused on its
+    ``Content-Length`` before a byte of it is read, else as soon as the read passes the limit,
+    so no more than ``limit`` bytes of it are ever held."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -98,6 +133,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     replay_log = ReplayLog(aioredis.Redis(connection_pool=pool),
                            page_size=settings.gateway_replay_page_size)
     counters = StreamCounters()
+    body_limit = settings.max_human_input_bytes + HUMAN_INPUT_BODY_SLACK_BYTES
+    # Made on the first answer: a gateway nobody answers through never connects to the broker.
+    producer: Celery | None = None
     streams = TurnStreams(
         hub=hub, replay_log=replay_log, channel_for=settings.channel_for,
         buffer_events=settings.gateway_client_buffer_events,
@@ -114,6 +152,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         yield
         await hub.stop()
         await pool.disconnect()
+        if producer is not None:
+            await run_in_threadpool(producer.close)
 
     async def turn_events(request: Request) -> Response:
         claims = _claims_or_refusal(request, secret)
@@ -154,6 +194,58 @@ def create_app(settings: Settings | None = None) -> Starlette:
         del head.headers["content-length"]  # the stream it stands for has none
         return head
 
+    async def human_input(request: Request) -> Response:
+        """The user's answer to the turn's question, authorised by their stream token.
+
+        A browser holds only that token, which names the owner by fingerprint;
+        ``submit_human_input_for`` checks and enqueues the answer as ``submit_human_input``
+        does for a web tier. It talks to Redis and the broker, blocking, so it runs in a
+        thread: the streams on this event loop never wait for it.
+        """
+        nonlocal producer
+        claims = _claims_or_refusal(request, secret, "answer")
+        if isinstance(claims, Response):
+            return claims
+        body = await _body_within(request, body_limit)
+        if body is None:
+            log.info("answer to turn %s refused: body over %d bytes", claims.message_id,
+                     body_limit)
+            return error_response(413, "payload_too_large",
+                                  f"an answer's body is at most {body_limit} bytes")
+        try:
+            raw = json.loads(body, parse_constant=_no_constants)
+        except (ValueError, RecursionError):
+            log.info("answer to turn %s refused: body not JSON", claims.message_id)
+            return error_response(400, "invalid_param", 'the body must be a JSON object: '
+                                  '{"tool_call_id", "action", "values"}')
+        try:
+            answer = parse_human_answer(raw, settings)
+        except InvalidTurnPayload as invalid:
+            log.info("answer to turn %s refused: %s", claims.message_id, invalid.code)
+            return error_response(invalid.status, invalid.code, invalid.message)
+        if producer is None:
+            producer = producer_app(settings)
+        try:
+            task_id = await run_in_threadpool(
+                submit_human_input_for, claims.message_id, answer.tool_call_id,
+                answer.action, answer.values, owner=claims.owner, celery_app=producer,
+                settings=settings)
+        except AgentBackendError as refused:
+            log.info("answer to turn %s refused: %s", claims.message_id, refused.code)
+            return error_response(refused.status, refused.code, refused.message)
+        except RedisError as exc:
+            log.warning("answer to turn %s failed, Redis failed: %s", claims.message_id, exc)
+            return error_response(503, "event_bus_unavailable", "the answer cannot be taken "
+                                  "right now; retry shortly")
+        except BrokerError as exc:
+            log.warning("answer to turn %s failed, the broker failed: %s", claims.message_id,
+                        exc)
+            return error_response(503, "broker_unavailable", "the answer cannot be taken "
+                                  "right now; retry shortly")
+        log.info("answer to turn %s from user %s enqueued as task %s", claims.message_id,
+                 claims.user_id, task_id)
+        return JSONResponse({"task_id": task_id}, status_code=202)
+
     async def demo(request: Request) -> Response:
         return FileResponse(DEMO_PAGE, media_type="text/html")
 
@@ -171,6 +263,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         # HEAD first: the GET route would answer HEAD too, by running the stream.
         Route("/v1/turns/{message_id}/events", turn_events_head, methods=["HEAD"]),
         Route("/v1/turns/{message_id}/events", turn_events, methods=["GET"]),
+        Route("/v1/turns/{message_id}/human-input", human_input, methods=["POST"]),
         Route("/demo", demo, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ], lifespan=lifespan)

@@ -1,5 +1,6 @@
 """The SSE gateway as a client sees it: a real gateway process on a socket, real Redis, real SSE
-clients (httpx), and the real worker and stub backend where a whole turn matters.
+clients (httpx), a real browser for the demo page (headless Chromium, driven by Playwright where
+it must click and wait), and the real worker and stub backend where a whole turn matters.
 
 Ground truth is a plain pub/sub subscriber present from before a turn starts: every gateway
 client, however late it comes or however often it reconnects, must end up with exactly its
@@ -19,11 +20,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -46,6 +48,10 @@ from tests.conftest import (
 from worker.client import submit_turn
 from worker.ownership import owner_fingerprint, owner_key, refusal_stream
 from worker.publisher import EventBus, TurnIds, replay_log_key
+from worker.questions import answered_key
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 ARTIFACTS = ROOT / "artifacts"
 # The owner of make_turn's turns and of RunningGateway.token's default tokens, and another one.
@@ -767,6 +773,222 @@ def test_request_values_cannot_forge_a_line_of_the_gateways_log_or_flood_it(
     assert max(len(line) for line in lines) < 5_000
 
 
+# Answers through the gateway ------------------------------------------------------------------
+
+
+def answers_url(gateway: RunningGateway, message_id: str) -> str:
+    return f"{gateway.url}/v1/turns/{message_id}/human-input"
+
+
+def post_answer(gateway: RunningGateway, message_id: str, body: Any = None, *,
+                token: str | None, content: bytes | Iterator[bytes] | None = None,
+                in_query: bool = False) -> httpx.Response:
+    """POST an answer with a stream token as a browser does: a Bearer header, or ?token=."""
+    headers = {"Authorization": f"Bearer {token}"} if token and not in_query else {}
+    params = {"token": token} if token and in_query else {}
+    return httpx.post(answers_url(gateway, message_id), json=body, content=content,
+                      headers=headers, params=params, timeout=httpx.Timeout(10.0))
+
+
+def refusal(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert body["status"] == response.status_code and body["message"]
+    return response.status_code, body["code"]
+
+
+def record_question(bus: EventBus, message_id: str, *, expires_in: float = 600.0) -> None:
+    """A message waiting for an answer to ``call_1``, recorded as the worker records it."""
+    from worker.questions import question_from_call
+
+    record_owner(bus, message_id)
+    question = question_from_call(
+        {"tool_call_id": "call_1", "tool_name": "ask_human", "args": {"question": "Sure?"}},
+        run_id="run-1", message_id=message_id)
+    expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
+    bus.record_question(message_id, question.record(expires_at, tenant_id="tenant-1",
+                                                    app_id="app-1", user_id="user-1"),
+                        ttl_seconds=600)
+
+
+def ask_and_read(gateway: RunningGateway, pool: ThreadPoolExecutor, token: str,
+                 message_id: str) -> tuple[Any, dict[str, Any]]:
+    """Read the turn's stream in the background until it asks; the read and the question."""
+    asked = threading.Event()
+    question: dict[str, Any] = {}
+
+    def on_frame(frame: SSEFrame) -> None:
+        if frame.event is None and frame.json()["event"] == "human_input_required":
+            question.update(frame.json())
+            asked.set()
+
+    read = pool.submit(read_stream, gateway.events_url(message_id), token=token,
+                       on_frame=on_frame)
+    assert asked.wait(WAIT_SECONDS), "the turn did not ask"
+    return read, question
+
+
+@SQLITE_WORKER
+def test_an_answer_posted_with_the_stream_token_resumes_the_turn_on_the_open_stream(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human through the gateway")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    with ThreadPoolExecutor(1) as pool:
+        read, asked = ask_and_read(gateway, pool, submitted.stream_token, turn["message_id"])
+        posted = post_answer(gateway, turn["message_id"],
+                             {"tool_call_id": asked["tool_call_id"], "action": "submit",
+                              "values": {"answer": "yes"}}, token=submitted.stream_token)
+        stream = read.result(WAIT_SECONDS)
+    truth = listener.wait_for_end()
+
+    assert posted.status_code == 202 and posted.json()["task_id"]
+    assert_exactly_the_turn(stream, truth)
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert truth[-1]["task_id"] == posted.json()["task_id"], "the continuation ended it"
+    assert truth[-1]["answer"] == ('Tool ask_human said: {"status":"submitted","action":'
+                                   '{"id":"submit","label":"Submit"},"values":{"answer":"yes"}}')
+    assert f"answer to turn {turn['message_id']} from user user-1 enqueued" in (
+        gateway.log_path.read_text())
+
+
+@SQLITE_WORKER
+def test_a_second_answer_to_the_same_question_is_refused_with_409(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human twice")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    asked = listener.wait_for("human_input_required")
+    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+
+    first = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
+    second = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
+    truth = listener.wait_for_end()
+
+    assert first.status_code == 202
+    assert refusal(second) == (409, "human_input_refused")
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert len(stub.runs(turn["message_id"])) == 2, "the question's run and one continuation"
+
+
+@SQLITE_WORKER
+def test_an_answer_with_another_owners_token_is_refused_and_the_question_stays_open(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="CALL_TOOL:ask_human who are you")
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    asked = listener.wait_for("human_input_required")
+    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+
+    intruder = post_answer(gateway, turn["message_id"], answer,
+                           token=gateway.token(turn["message_id"], tenant_id="tenant-2"))
+    unknown = post_answer(gateway, "msg-nobody-asked", answer,
+                          token=gateway.token("msg-nobody-asked", tenant_id="tenant-2"))
+    other_turn = post_answer(gateway, turn["message_id"], answer,
+                             token=gateway.token("msg-another-one"))
+    no_token = post_answer(gateway, turn["message_id"], answer, token=None)
+    still_waiting = celery_worker.store.get_message(turn["message_id"])
+    owner = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token,
+                        in_query=True)
+    truth = listener.wait_for_end()
+
+    assert refusal(intruder) == (409, "human_input_refused")
+    assert intruder.json() == unknown.json(), "it must not tell the message exists"
+    assert refusal(other_turn) == (403, "token_wrong_turn")
+    assert refusal(no_token) == (401, "token_missing")
+    assert still_waiting is not None and still_waiting.status == "awaiting_input"
+    assert owner.status_code == 202
+    assert truth[-1]["event"] == "message_end"
+    assert len(stub.runs(turn["message_id"])) == 2, "only the owner's answer ran"
+
+
+NOT_AN_ANSWER: dict[str, bytes] = {
+    "not JSON": b"tool_call_id=call_1&action=submit",
+    "not UTF-8": b'{"tool_call_id": "call_1", "action": "\xff"}',
+    "a list": b'[{"tool_call_id": "call_1", "action": "submit"}]',
+    "an unknown field": b'{"tool_call_id": "call_1", "action": "submit", "tenant_id": "t"}',
+    "no action": b'{"tool_call_id": "call_1"}',
+    "a number as action": b'{"tool_call_id": "call_1", "action": 5}',
+    "values not an object": b'{"tool_call_id": "call_1", "action": "submit", "values": "yes"}',
+    "NaN in values": b'{"tool_call_id": "call_1", "action": "submit", "values": {"a": NaN}}',
+    "values nested deep": b'{"tool_call_id": "call_1", "action": "submit", "values": '
+                          + b'{"a": ' * 5 + b"1" + b"}" * 6,
+    "nesting past the parser": b"[" * 10_000 + b"]" * 10_000,
+    "values over the limit, body within": json.dumps(
+        {"tool_call_id": "call_1", "action": "submit",
+         "values": {"a": "x" * (16 * 1024)}}).encode(),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_AN_ANSWER))
+def test_a_body_that_is_not_an_answer_is_a_bad_request_and_claims_nothing(
+    case: str, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id)
+
+    response = post_answer(gateway, ids.message_id, content=NOT_AN_ANSWER[case],
+                           token=gateway.token(ids.message_id))
+
+    assert refusal(response) == (400, "invalid_param")
+    assert len(response.content) < 2_000
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(
+    declared: bool, gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id)
+    oversize = b'{"tool_call_id": "call_1", "action": "submit", "values": {"a": "' \
+        + b"x" * 2_000_000 + b'"}}'
+
+    def in_pieces() -> Iterator[bytes]:
+        for start in range(0, len(oversize), 16_384):
+            yield oversize[start:start + 16_384]
+
+    response = post_answer(gateway, ids.message_id, token=gateway.token(ids.message_id),
+                           content=oversize if declared else in_pieces())
+
+    assert refusal(response) == (413, "payload_too_large")
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
+    assert gateway.health()["redis_connected"], "the gateway is still serving"
+
+
+def test_an_answer_to_a_message_that_is_not_waiting_is_refused_with_409(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    finished = new_ids()
+    publish_turn(event_bus, finished, ["no question asked"])
+    answer = {"tool_call_id": "call_1", "action": "submit", "values": {}}
+
+    response = post_answer(gateway, finished.message_id, answer,
+                           token=gateway.token(finished.message_id))
+
+    assert refusal(response) == (409, "human_input_refused")
+
+
+def test_an_answer_after_the_questions_expiry_is_refused_with_410(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_question(event_bus, ids.message_id, expires_in=-1)
+
+    response = post_answer(gateway, ids.message_id,
+                           {"tool_call_id": "call_1", "action": "submit", "values": {}},
+                           token=gateway.token(ids.message_id))
+
+    assert refusal(response) == (410, "human_input_expired")
+    assert not event_bus.redis.exists(answered_key(ids.message_id, "call_1"))
+
+
 # The demo page in a browser -----------------------------------------------------------------
 
 
@@ -778,12 +1000,17 @@ def _chromium() -> str:
                 "(it installs Chromium when missing) or apt-get install -y chromium.")
 
 
+# What Chromium needs to run headless here (as root, in a container, offline), and nothing of
+# its own traffic: no sync, updates or background requests.
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-dev-shm-usage")
+
+
 def _run_chromium(url: str, *actions: str, timeout: float = 40.0) -> str:
     with tempfile.TemporaryDirectory() as profile:
         completed = subprocess.run(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+            [_chromium(), "--headless", *CHROMIUM_ARGS, f"--user-data-dir={profile}",
              "--window-size=900,700", "--virtual-time-budget=15000", *actions, url],
             capture_output=True, text=True, timeout=timeout,
             env={**os.environ, "HOME": profile})
@@ -815,6 +1042,216 @@ def test_the_demo_page_shows_the_turn_streaming_in_a_browser(
     assert answer.startswith("[turn 1] You said: show me in a browser.")
     assert f'<div id="answer">{answer}</div>' in dom
     assert f"done: {len(truth)} events, last seq {truth[-1]['seq']}" in dom
+    assert screenshot.stat().st_size > 10_000
+
+
+@dataclass
+class DemoPage:
+    """The demo page in a real browser (Playwright driving Chromium), and what it did: the
+    requests it made, the script errors and dialogs it met (an escaped page has none)."""
+
+    page: Page
+    requests: list[str] = field(default_factory=list)
+    script_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+
+    def open(self, gateway: RunningGateway, message_id: str, token: str) -> None:
+        self.page.goto(f"{gateway.url}/demo?message_id={message_id}&token={token}")
+
+    def wait_until_ended(self) -> None:
+        from playwright.sync_api import expect
+
+        expect(self.page.locator("#status")).to_have_attribute("data-state", "ended")
+
+    @property
+    def stream_requests(self) -> list[str]:
+        return [url for url in self.requests if "/events" in url]
+
+    def steps(self) -> list[dict[str, str | None]]:
+        """Each step as the page shows it, in the page's order, opened first (a click on its
+        summary, as a reader would)."""
+        from playwright.sync_api import expect
+
+        shown = []
+        for box in self.page.locator("#steps details").all():
+            box.locator("summary").click()
+            expect(box).to_have_attribute("open", "")
+            fields = {name: box.locator(f"pre.{name}").all_text_contents()
+                      for name in ("thought", "tool-input", "observation")}
+            shown.append({"id": box.get_attribute("data-step-id"),
+                          "summary": box.locator("summary").text_content(),
+                          **{name: (texts[0] if texts else None)
+                             for name, texts in fields.items()}})
+        return shown
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / name
+        path.unlink(missing_ok=True)
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+# Run in the page before its own script: counts the EventSource objects the page makes.
+COUNT_EVENT_SOURCES = """
+window.eventSourcesOpened = 0;
+window.EventSource = class extends window.EventSource {
+  constructor(...args) { super(...args); window.eventSourcesOpened += 1; }
+};
+"""
+
+
+@pytest.fixture
+def demo_page() -> Iterator[DemoPage]:
+    """A fresh headless Chromium with the demo page's tab; every wait in it is bounded.
+
+    Playwright is imported here, not with the module, so that the other gateway tests run in
+    a virtualenv made before it was a dev dependency; these two then say what to do.
+    """
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("Playwright is not installed: the demo page tests need it. Run "
+                    "scripts/install (pip install -e '.[dev]').")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS,
+                                             timeout=30_000)
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.set_default_timeout(WAIT_SECONDS * 1000)
+            page.add_init_script(COUNT_EVENT_SOURCES)
+            expect.set_options(timeout=WAIT_SECONDS * 1000)
+            shown = DemoPage(page)
+            page.on("request", lambda request: shown.requests.append(request.url))
+            page.on("pageerror", lambda error: shown.script_errors.append(str(error)))
+            page.on("dialog", lambda dialog: (shown.dialogs.append(dialog.message),
+                                              dialog.dismiss()))
+            yield shown
+        finally:
+            browser.close()
+
+
+def last_of_each_step(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps a client holds at the end: the newest version of each id, by position."""
+    steps: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event["event"] == "agent_thought":
+            steps[event["id"]] = event
+    return sorted(steps.values(), key=lambda step: step["position"])
+
+
+def as_the_page_shows(step: dict[str, Any]) -> dict[str, str | None]:
+    title = f"tool: {step['tool']}" if step["tool"] else "thinking"
+    tool_input = json.dumps(json.loads(step["tool_input"]), indent=2, ensure_ascii=False) \
+        if step["tool"] else None
+    return {"id": step["id"], "summary": f"Step {step['position']} · {title}",
+            "thought": step["thought"] or None, "tool-input": tool_input,
+            "observation": step["observation"] or None}
+
+
+@SQLITE_WORKER
+def test_the_demo_page_shows_each_step_once_with_its_tool_and_keeps_them_out_of_the_answer(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway, demo_page: DemoPage,
+) -> None:
+    hostile = "<img src=x onerror=alert(document.domain)>"
+    turn = make_turn(query=f"THINK, then CALL_TOOL:lookup the {hostile} tag")
+    stub.plan(turn["message_id"], answer_tokens=20, token_delay=0.02)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    demo_page.open(gateway, submitted.message_id, submitted.stream_token)
+    demo_page.wait_until_ended()
+    truth = listener.wait_for_end()
+    steps = last_of_each_step(truth)
+    shown = demo_page.steps()
+    screenshot = demo_page.screenshot("gateway-demo-steps.png")
+
+    page = demo_page.page
+    answer = truth[-1]["answer"]
+    assert [step["tool"] for step in steps if step["tool"]] == ["lookup"]
+    assert any(step["thought"] for step in steps)
+    sent = [event for event in truth if event["event"] == "agent_thought"]
+    assert len(sent) > len(steps), "a step was sent again as it grew, and replaced in place"
+    assert shown == [as_the_page_shows(step) for step in steps]
+    assert hostile in "".join(str(step["tool-input"]) for step in shown)
+    assert page.locator("#answer").text_content() == answer
+    assert answer.startswith("[turn 1] You said: THINK, then CALL_TOOL:lookup")
+    assert not [text for step in steps for text in (step["thought"], step["observation"])
+                if text and text.strip() in answer], "no step text in the answer"
+    assert page.locator("#status").text_content() == (
+        f"done: {len(truth)} events, last seq {truth[-1]['seq']}")
+    assert page.locator("img").count() == 0
+    assert (demo_page.dialogs, demo_page.script_errors) == ([], [])
+    assert screenshot.stat().st_size > 10_000
+
+
+@SQLITE_WORKER
+def test_the_demo_page_answers_the_agents_question_and_streams_the_rest_on_the_same_page(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway, demo_page: DemoPage,
+) -> None:
+    from playwright.sync_api import expect
+
+    question = {"title": "Ship it?", "question": "Deploy <b>v2</b> to production?",
+                "markdown": "**now** or never",
+                "fields": [{"name": "note", "label": "Note", "type": "paragraph"}],
+                "actions": [{"id": "approve", "label": "Approve", "style": "primary"},
+                            {"id": "reject", "label": "Reject", "style": "destructive"}],
+                "urgency": "high"}
+    turn = make_turn(query="deploy it")
+    stub.plan(turn["message_id"], process=[
+        {"thinking": "Ask first."},
+        {"ask_human": question},
+        {"tool": "deploy", "args": {"env": "prod"}, "result": "deployed v2"},
+    ])
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+
+    demo_page.open(gateway, submitted.message_id, submitted.stream_token)
+    page = demo_page.page
+    form = page.locator("#question")
+    expect(form).to_be_visible()
+    expect(page.locator("#status")).to_have_attribute("data-state", "waiting")
+    asked_on_page = {"title": form.locator("h2").text_content(),
+                     "question": form.locator(".question").text_content(),
+                     "markdown": form.locator(".markdown").text_content(),
+                     "buttons": form.locator("button").all_text_contents()}
+    form.get_by_label("Note").fill("go <b>now</b>")
+    form.get_by_role("button", name="Approve").click()
+    expect(page.locator("#question-result")).to_have_attribute("data-state", "sent")
+    for control in form.locator("button, textarea").all():
+        expect(control).to_be_disabled()  # answered: the form takes no second answer
+    demo_page.wait_until_ended()
+    truth = listener.wait_for_end()
+    shown = demo_page.steps()
+    screenshot = demo_page.screenshot("gateway-demo-ask-human.png")
+
+    end = truth[-1]
+    assert asked_on_page == {"title": "Ship it?", "question": "Deploy <b>v2</b> to production?",
+                             "markdown": "**now** or never", "buttons": ["Approve", "Reject"]}
+    assert end["event"] == "message_end"
+    assert [event["event"] for event in truth].count("message_end") == 1
+    assert [event["event"] for event in truth].count("human_input_required") == 1
+    assert end["answer"] == ('Tool ask_human said: {"status":"submitted","action":'
+                             '{"id":"approve","label":"Approve"},'
+                             '"values":{"note":"go <b>now</b>"}}')
+    assert page.locator("#answer").text_content() == end["answer"]
+    assert page.locator("#status").text_content() == (
+        f"done: {len(truth)} events, last seq {end['seq']}")
+    # One EventSource for the whole message. It may have reconnected by itself, with
+    # Last-Event-ID (a loaded machine can get it cut off as a slow client): still that one.
+    assert page.evaluate("window.eventSourcesOpened") == 1
+    assert {url.partition("?")[0] for url in demo_page.stream_requests} == {
+        gateway.events_url(turn["message_id"])}
+    assert shown == [as_the_page_shows(step) for step in last_of_each_step(truth)]
+    asked, deployed = shown  # the thought and the question it led to make one step
+    assert (asked["summary"], asked["thought"]) == ("Step 1 · tool: ask_human", "Ask first.")
+    assert '"note":"go <b>now</b>"' in str(asked["observation"]), "completed by the answer"
+    assert (deployed["summary"], deployed["observation"]) == (
+        "Step 2 · tool: deploy", "deployed v2")
+    assert page.locator("b").count() == 0
+    assert (demo_page.dialogs, demo_page.script_errors) == ([], [])
     assert screenshot.stat().st_size > 10_000
 
 

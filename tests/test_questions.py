@@ -41,6 +41,19 @@ def test_a_deferred_call_becomes_a_question_with_its_offered_actions() -> None:
     assert fields["expires_at"] == int(datetime(2026, 12, 2, tzinfo=UTC).timestamp())
 
 
+def test_the_record_for_producers_holds_the_question_its_expiry_and_its_owners_ids() -> None:
+    asked = question()
+
+    record = asked.record(datetime(2026, 12, 2, tzinfo=UTC), tenant_id="t", app_id="a",
+                          user_id="u")
+
+    assert PendingQuestion.from_json(record) == asked
+    assert [action["id"] for action in record["actions"]] == ["approve", "reject"]
+    assert record["expires_at"] == int(datetime(2026, 12, 2, tzinfo=UTC).timestamp())
+    assert record["owner"] == {"tenant_id": "t", "app_id": "a", "user_id": "u"}
+    assert json.loads(json.dumps(record)) == record, "it is stored as JSON"
+
+
 def test_args_given_as_a_json_string_are_read_and_unknown_keys_dropped() -> None:
     asked = question_from_call({**CALL, "args": json.dumps({"question": "Q?", "x": 1})},
                                run_id="r", message_id="m")

@@ -13,6 +13,7 @@ pub/sub delivers only to subscribers present at publish time. Or hand the browse
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,12 +23,24 @@ from typing import Any
 import redis
 from celery import Celery
 
-from config.celery import RESUME_TASK_NAME, TURN_ARGSREPR, TURN_TASK_NAME, turn_kwargsrepr
+from config.celery import (
+    RESUME_TASK_NAME,
+    TURN_ARGSREPR,
+    TURN_TASK_NAME,
+    celery_config,
+    turn_kwargsrepr,
+)
 from config.settings import Settings, get_settings
 from gateway.tokens import mint_stream_token
-from worker.errors import HumanInputRefused
+from worker.errors import AnswerTooLate, HumanInputRefused
 from worker.ownership import owner_fingerprint, owner_key
-from worker.payload import TurnPayload, parse_human_input, parse_turn
+from worker.payload import (
+    HumanInputRequest,
+    TurnPayload,
+    parse_human_answer,
+    parse_human_input,
+    parse_turn,
+)
 from worker.questions import PendingQuestion, answered_key, check_answer, question_key
 from worker.supervisor import CONTROL_CHANNEL, stop_key
 
@@ -172,6 +185,18 @@ def _remember_task(settings: Settings, *, task_id: str, message_id: str) -> None
     pipeline.execute()
 
 
+def producer_app(settings: Settings | None = None) -> Celery:
+    """A Celery app that only sends: the broker, result backend and queue routes of
+    ``settings`` (config/celery.py), none of the worker's tasks or start-up code.
+
+    For a process that enqueues but is not a worker, such as the gateway. The helpers here
+    default to ``worker.app``'s app, which imports the worker's tasks with it.
+    """
+    app = Celery("agent-turn-producer")
+    app.config_from_object(celery_config(settings or get_settings()))
+    return app
+
+
 def submit_human_input(
     message_id: str,
     tool_call_id: str,
@@ -189,34 +214,97 @@ def submit_human_input(
     Checked before anything is enqueued, each with a clear error: the answer's shape
     (``InvalidTurnPayload``); that the message waits for an answer to this call, from this
     owner, with an action it offered and values of the right size and types
-    (``HumanInputRefused``); and that no answer to the call was accepted before. The worker
-    checks again against the store, which decides: a continuation enqueued twice, or
-    redelivered, makes one run.
+    (``HumanInputRefused``; ``AnswerTooLate``, one of them, past the question's expiry); and
+    that no answer to the call was accepted before. The worker checks again against the
+    store, which decides: a continuation enqueued twice, or redelivered, makes one run.
     """
     settings = settings or get_settings()
     raw = {"tenant_id": tenant_id, "app_id": app_id, "user_id": user_id,
            "message_id": message_id, "tool_call_id": tool_call_id, "action": action,
            "values": dict(values or {})}
     answer = parse_human_input(raw, settings)
+    question = _open_question(message_id, owner_fingerprint(tenant_id, app_id, user_id),
+                              settings)
+    return _enqueue_answer(answer, question, celery_app=celery_app, settings=settings)
+
+
+def submit_human_input_for(
+    message_id: str,
+    tool_call_id: Any,
+    action: Any,
+    values: Any = None,
+    *,
+    owner: str,
+    celery_app: Celery | None = None,
+    settings: Settings | None = None,
+) -> str:
+    """``submit_human_input`` for an owner known only by its fingerprint, as a stream token
+    names it (``o``): what the gateway has when a browser answers with its token.
+
+    The same checks, in the same order, with the same errors. The continuation's payload
+    names the owner by ids, as the worker's store checks it: they come from the question's
+    record, which the worker wrote with them, and are used only if they hash to ``owner``.
+    Arguments may be anything a client sent; they are validated, never trusted.
+    """
+    settings = settings or get_settings()
+    fields = parse_human_answer({"tool_call_id": tool_call_id, "action": action,
+                                 "values": {} if values is None else values}, settings)
+    question = _open_question(message_id, owner, settings)
+    ids = question.get("owner")
+    if not isinstance(ids, dict) or not all(
+            isinstance(ids.get(name), str) for name in ("tenant_id", "app_id", "user_id")) \
+            or owner_fingerprint(ids["tenant_id"], ids["app_id"], ids["user_id"]) != owner:
+        # A question recorded by a worker from before owners' ids were recorded, or a record
+        # that disagrees with the owner key: refused as if not waiting, naming nobody.
+        raise _not_waiting(message_id)
+    answer = parse_human_input({"tenant_id": ids["tenant_id"], "app_id": ids["app_id"],
+                                "user_id": ids["user_id"], "message_id": message_id,
+                                **fields.model_dump()}, settings)
+    return _enqueue_answer(answer, question, celery_app=celery_app, settings=settings)
+
+
+def _not_waiting(message_id: str) -> HumanInputRefused:
+    """The one refusal for an unknown message, another owner's, or one not waiting: a sender
+    cannot tell them apart, so cannot learn whether another owner's message exists."""
+    return HumanInputRefused("the message is not waiting for an answer (unknown, answered "
+                             "already or expired)", message_id=message_id)
+
+
+def _open_question(message_id: str, owner: str, settings: Settings) -> dict[str, Any]:
+    """The record of the message's open question if ``owner`` owns the message, else the
+    refusal; ``AnswerTooLate`` once it is past its expiry."""
+    summary, recorded = _bus(settings).mget([question_key(message_id), owner_key(message_id)])
+    if summary is None or recorded is None or recorded.decode() != owner:
+        raise _not_waiting(message_id)
+    question: dict[str, Any] = json.loads(summary)
+    expires_at = question.get("expires_at")
+    if isinstance(expires_at, int | float) and expires_at <= time.time():
+        raise AnswerTooLate("the question has expired", message_id=message_id)
+    return question
+
+
+def _enqueue_answer(answer: HumanInputRequest, question: dict[str, Any], *,
+                    celery_app: Celery | None, settings: Settings) -> str:
+    """Check the answer against its question, claim the call's one answer, enqueue it."""
+    message_id = answer.message_id
+    check_answer(PendingQuestion.from_json(question), tool_call_id=answer.tool_call_id,
+                 action=answer.action, values=answer.values,
+                 max_bytes=settings.max_human_input_bytes, message_id=message_id)
     bus = _bus(settings)
-    summary = bus.get(question_key(message_id))
-    owner = bus.get(owner_key(message_id))
-    if summary is None or owner is None \
-            or owner.decode() != owner_fingerprint(tenant_id, app_id, user_id):
-        raise HumanInputRefused("the message is not waiting for an answer (unknown, answered "
-                                "already or expired)", message_id=message_id)
-    question = PendingQuestion.from_json(json.loads(summary))
-    check_answer(question, tool_call_id=answer.tool_call_id, action=answer.action,
-                 values=answer.values, max_bytes=settings.max_human_input_bytes,
-                 message_id=message_id)
-    first = bus.set(answered_key(message_id, tool_call_id), "1", nx=True,
-                    ex=int(settings.human_input_ttl_seconds) + 60)
-    if not first:
+    answered = answered_key(message_id, answer.tool_call_id)
+    if not bus.set(answered, "1", nx=True, ex=int(settings.human_input_ttl_seconds) + 60):
         raise HumanInputRefused("this question was answered already", message_id=message_id)
     if celery_app is None:
         from worker.app import app as celery_app
-    result = celery_app.send_task(RESUME_TASK_NAME, kwargs={"answer": answer.model_dump()},
-                                  queue=settings.queue, argsrepr="()",
-                                  kwargsrepr=repr({"answer": {"message_id": message_id,
-                                                              "action": answer.action}}))
+    try:
+        result = celery_app.send_task(
+            RESUME_TASK_NAME, kwargs={"answer": answer.model_dump()}, queue=settings.queue,
+            argsrepr="()", kwargsrepr=repr({"answer": {"message_id": message_id,
+                                                       "action": answer.action}}))
+    except BaseException:
+        # Not enqueued, as far as this process knows: let the user answer again rather than
+        # be told it was answered. Should the task have reached the broker after all, the
+        # worker's store still takes one answer only.
+        bus.delete(answered)
+        raise
     return str(result.id)

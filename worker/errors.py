@@ -24,7 +24,9 @@ and is treated as permanent, so a client is never left waiting.
         ├── ConversationAwaitingInput another message of the conversation waits for the user's
         │                             answer to a question (ask_human); answer it first
         ├── HumanInputRefused         an answer to a question that is not open (unknown message
-        │                             or call, answered already, expired) or does not fit it
+        │   │                         or call, answered already, expired) or does not fit it
+        │   └── AnswerTooLate         the question is past its expiry, its message not yet
+        │                             ended by a sweep: refused, with the expiry's 410
         ├── HumanInputExpired         the question was not answered in time; the message ends
         ├── RunRejected               4xx on create (422 validation, 401/403 auth, 404 …)
         ├── ProtocolViolation         undecodable frame, invalid event, oversize value
@@ -166,6 +168,15 @@ class ConversationAwaitingInput(PermanentAgentError):
 class HumanInputRefused(PermanentAgentError):
     code = "human_input_refused"
     status = 409
+
+
+class AnswerTooLate(HumanInputRefused):
+    """An answer after the question's expiry, in the moment before a worker's sweep ends the
+    message (``HumanInputExpired``). A ``HumanInputRefused`` like any answer to a closed
+    question, so callers that catch that catch this; its code and status say why."""
+
+    code = "human_input_expired"
+    status = 410
 
 
 class HumanInputExpired(PermanentAgentError):

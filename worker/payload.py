@@ -260,18 +260,12 @@ def valid_message_id(raw: Any) -> str | None:
         return None
 
 
-class HumanInputRequest(_Strict):
-    """The user's answer to a question, as ``submit_human_input`` enqueues it.
+class HumanAnswerFields(_Strict):
+    """What the user sends back for a question: the call it answers, the action they chose and
+    the values they gave. A class of its own so that a client's body (the gateway's
+    ``POST /v1/turns/{message_id}/human-input``) is checked for shape before anything is
+    looked up, with the same rules as the task's payload."""
 
-    It names the owner like a turn does: the worker hands a question's answer only to the
-    owner of the message that asked it.
-    """
-
-    schema_version: Literal[1] = PAYLOAD_SCHEMA_VERSION
-    tenant_id: Identifier
-    app_id: Identifier
-    user_id: Identifier
-    message_id: Identifier
     tool_call_id: Annotated[Text, StringConstraints(min_length=1, max_length=128)]
     action: Annotated[Text, StringConstraints(min_length=1, max_length=64)]
     values: dict[str, Any] = Field(default_factory=dict)
@@ -287,6 +281,20 @@ class HumanInputRequest(_Strict):
         return value
 
 
+class HumanInputRequest(HumanAnswerFields):
+    """The user's answer to a question, as ``submit_human_input`` enqueues it.
+
+    It names the owner like a turn does: the worker hands a question's answer only to the
+    owner of the message that asked it.
+    """
+
+    schema_version: Literal[1] = PAYLOAD_SCHEMA_VERSION
+    tenant_id: Identifier
+    app_id: Identifier
+    user_id: Identifier
+    message_id: Identifier
+
+
 def parse_human_input(raw: Any, settings: Settings) -> HumanInputRequest:
     """Validate an answer's payload; ``InvalidTurnPayload`` naming every problem at once."""
     if not isinstance(raw, dict):
@@ -296,6 +304,17 @@ def parse_human_input(raw: Any, settings: Settings) -> HumanInputRequest:
     except ValidationError as exc:
         raise InvalidTurnPayload("invalid human input: " + _describe(exc),
                                  message_id=valid_message_id(raw)) from None
+
+
+def parse_human_answer(raw: Any, settings: Settings) -> HumanAnswerFields:
+    """Validate the user's part of an answer (no ids); ``InvalidTurnPayload`` naming every
+    problem at once: unknown fields, wrong types, oversize values."""
+    if not isinstance(raw, dict):
+        raise InvalidTurnPayload(f"an answer must be a JSON object, not {type(raw).__name__}")
+    try:
+        return HumanAnswerFields.model_validate(raw, context={"settings": settings})
+    except ValidationError as exc:
+        raise InvalidTurnPayload("invalid human input: " + _describe(exc)) from None
 
 
 def valid_identifier(candidate: Any) -> str | None:

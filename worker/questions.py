@@ -71,6 +71,16 @@ class PendingQuestion:
         return {"tool_call_id": self.tool_call_id, "tool_name": self.tool_name,
                 "args": self.args}
 
+    def record(self, expires_at: datetime, *, tenant_id: str, app_id: str,
+               user_id: str) -> dict[str, Any]:
+        """What the worker records under ``question_key`` for producers to check an answer
+        against before they enqueue it. The owner's ids ride along for a producer that knows
+        the owner only by fingerprint (the gateway, from a stream token): it enqueues the
+        answer under these ids once they hash to the token's owner."""
+        return {**self.as_json(), "actions": self.actions,
+                "expires_at": int(expires_at.timestamp()),
+                "owner": {"tenant_id": tenant_id, "app_id": app_id, "user_id": user_id}}
+
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> PendingQuestion:
         return cls(raw["tool_call_id"], raw["tool_name"], raw["args"])

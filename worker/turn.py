@@ -422,9 +422,9 @@ def _ask(turn: TurnPayload, publisher: TurnPublisher, services: TurnServices,
     services.store.mark_awaiting_input(turn.message_id, pending=pending,
                                        partial_answer=streamed.text(), steps=steps.steps(),
                                        expires_at=expires_at)
-    services.bus.record_question(turn.message_id, {
-        **question.as_json(), "actions": question.actions,
-        "expires_at": int(expires_at.timestamp())},
+    services.bus.record_question(
+        turn.message_id, question.record(expires_at, tenant_id=turn.tenant_id,
+                                         app_id=turn.app_id, user_id=turn.user_id),
         ttl_seconds=int(settings.human_input_ttl_seconds) + 60)
     publisher.event("human_input_required", question.event_fields(expires_at))
     progress.ended(MessageStatus.AWAITING_INPUT, chunks=publisher.chunks_published,
