@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # Capped at turn_state_ttl_seconds, so the seq counter always outlives the log.
     replay_log_ttl_seconds: int = Field(3600, gt=0)
     replay_log_ttl_after_end_seconds: int = Field(300, gt=0)
+    # A finished turn's log keeps only what a resuming client needs: the steps' last versions,
+    # the other events, and the answer as one message_replace (worker/publisher.py).
+    replay_log_compact_on_end: bool = True
 
     # The SSE gateway (gateway/, docs/gateway.md). The secret signs stream tokens; its default
     # is public and only fit for a developer machine (the gateway warns when it runs with it).

@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ from bench.wakeup import main as wakeup_main
 from bench.wakeup import measure, table
 from config.settings import Settings
 from stub_backend import StubServer
-from tests.conftest import PUBSUB_DB, REDIS_HOST, REDIS_PORT, base_settings
+from tests.conftest import PUBSUB_DB, REDIS_HOST, REDIS_PORT, ROOT, base_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="the benchmark starts its own redis-server")
@@ -294,3 +295,19 @@ def test_the_floor_starts_its_runs_spread_over_one_token_interval(
     gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
     assert all(0.04 <= gap < 0.1 for gap in gaps), gaps  # 0.2 s / 4 runs apart
     assert [stagger_of(index, 4, 0.2) for index in range(4)] == pytest.approx([0, 0.05, 0.1, 0.15])
+
+
+def test_the_replay_memory_probe_measures_a_compacted_and_a_whole_log() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.replay_memory", "--tokens", "80", "--token-delay",
+         "0.005"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in completed.stdout.splitlines()
+            if line.startswith("| compacted") or line.startswith("| whole")}
+    compacted, whole = rows["compacted"], rows["whole"]
+    assert int(compacted[3]) <= 3 < int(whole[3]), "a replace and the end, beside a step"
+    assert int(compacted[1].replace(",", "")) < int(whole[1].replace(",", ""))
+    assert int(compacted[4]) > 0, "resumes were checked"

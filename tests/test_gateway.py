@@ -31,6 +31,7 @@ import httpx
 import pytest
 import redis
 
+from config.settings import Settings
 from gateway.tokens import mint_stream_token
 from tests.conftest import (
     ROOT,
@@ -47,7 +48,7 @@ from tests.conftest import (
 )
 from worker.client import submit_turn
 from worker.ownership import owner_fingerprint, owner_key, refusal_stream
-from worker.publisher import EventBus, TurnIds, replay_log_key
+from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, replay_log_key
 from worker.questions import answered_key
 
 if TYPE_CHECKING:
@@ -119,6 +120,22 @@ def wait_for_count(listener: TurnListener, count: int, timeout: float = WAIT_SEC
         if message is not None:
             listener.events.append(json.loads(message["data"]))
     assert listener.events[-1]["event"] not in ("message_end", "error"), "the turn ended early"
+
+
+@pytest.fixture
+def event_bus(redis_client: redis.Redis, settings: Settings) -> EventBus:
+    """The worker's bus with finished turns' logs kept whole: these tests follow every seq
+    through the relay. (A compacted log is tested on its own, below.)"""
+    return EventBus(redis_client, channel_for=settings.channel_for,
+                    coalesce_window_ms=settings.coalesce_window_ms,
+                    coalesce_max_chars=settings.coalesce_max_chars,
+                    replay_log=ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=300,
+                                               max_events=10_000, compact=False))
+
+
+def logged(bus: EventBus, message_id: str) -> list[dict[str, Any]]:
+    return [json.loads(fields[b"data"])
+            for _, fields in bus.redis.xrange(replay_log_key(message_id))]
 
 
 def new_ids() -> TurnIds:
@@ -222,8 +239,45 @@ def test_a_turn_that_is_over_replays_at_once_and_then_tells_the_browser_to_stop(
 
     assert replayed.ended_by_server and replayed.pings == 0
     assert took < gateway.settings.gateway_ping_interval_seconds
-    assert_exactly_the_turn(replayed, truth)
+    # The finished turn's log is compacted: its answer as one replace, then its end.
+    assert [e["event"] for e in replayed.events if e["event"] != "agent_thought"] == [
+        "message_replace", "message_end"]
+    assert answer_of(replayed.events) == truth[-1]["answer"] == answer_of(truth)
+    assert replayed.events[-1] == truth[-1]
+    assert [frame.id for frame in replayed.frames if frame.event is None] == [
+        str(event["seq"]) for event in replayed.events]
     assert after_the_end.status == 204
+
+
+@SQLITE_WORKER
+def test_a_finished_turn_resumed_after_any_event_ends_with_exactly_its_answer_and_steps(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    turn = make_turn(query="THINK, then CALL_TOOL:lookup and answer")
+    stub.plan(turn["message_id"], answer_tokens=12)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    truth = listener.wait_for_end()
+    url = gateway.events_url(turn["message_id"])
+
+    def shown(events: list[dict[str, Any]], text: str = "",
+              steps: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        steps = dict(steps or {})
+        for event in events:
+            if event["event"] == "agent_message":
+                text += event["answer"]
+            elif event["event"] == "message_replace":
+                text = event["answer"]
+            elif event["event"] == "agent_thought":
+                steps[event["id"]] = event
+        return text, steps
+
+    for after in range(len(truth)):
+        resumed = read_stream(url, token=submitted.stream_token, last_event_id=after or None)
+        assert resumed.events[-1] == truth[-1]
+        assert shown(resumed.events, *shown(truth[:after])) == shown(truth), (
+            f"resumed after seq {after}")
 
 
 @SQLITE_WORKER
@@ -852,6 +906,72 @@ def test_an_answer_posted_with_the_stream_token_resumes_the_turn_on_the_open_str
                                    '{"id":"submit","label":"Submit"},"values":{"answer":"yes"}}')
     assert f"answer to turn {turn['message_id']} from user user-1 enqueued" in (
         gateway.log_path.read_text())
+
+
+def _sequence(events: list[dict[str, Any]]) -> list[str]:
+    """The events as a client got them, runs of one kind (and step) folded: 'agent_message x12'."""
+    names = [f"agent_thought {e['position']} ({e['tool'] or 'thinking'})"
+             if e["event"] == "agent_thought" else e["event"] for e in events]
+    folded: list[list[Any]] = []
+    for name in names:
+        if folded and folded[-1][0] == name:
+            folded[-1][1] += 1
+        else:
+            folded.append([name, 1])
+    return [name if count == 1 else f"{name} x{count}" for name, count in folded]
+
+
+def _log_bytes(settings: Settings, message_id: str) -> int:
+    client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5)
+    try:
+        return int(client.memory_usage(replay_log_key(message_id), samples=0) or 0)
+    finally:
+        client.close()
+
+
+@SQLITE_WORKER
+def test_a_tool_turn_and_a_question_reach_a_gateway_client_in_the_order_they_happened(
+    celery_worker: RunningWorker, stub: StubControl, producer_app: Any,
+    gateway: RunningGateway,
+) -> None:
+    tool_turn = make_turn(query="THINK, then CALL_TOOL:lookup")
+    with ThreadPoolExecutor(1) as pool:  # the client is there before the turn starts
+        reading = pool.submit(read_stream, gateway.events_url(tool_turn["message_id"]),
+                              token=gateway.token(tool_turn["message_id"]))
+        sent = submit_turn(tool_turn, celery_app=producer_app, settings=gateway.settings)
+        tool_events = reading.result(WAIT_SECONDS).events
+    ask_turn = make_turn(query="THINK, then CALL_TOOL:ask_human")
+    asked_sent = submit_turn(ask_turn, celery_app=producer_app, settings=gateway.settings)
+    with ThreadPoolExecutor(1) as pool:
+        read, asked = ask_and_read(gateway, pool, asked_sent.stream_token,
+                                   ask_turn["message_id"])
+        post_answer(gateway, ask_turn["message_id"],
+                    {"tool_call_id": asked["tool_call_id"], "action": "submit",
+                     "values": {"answer": "yes"}}, token=asked_sent.stream_token)
+        ask_events = read.result(WAIT_SECONDS).events
+
+    tool_sequence, ask_sequence = _sequence(tool_events), _sequence(ask_events)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "agent-turn-sequences.json").write_text(json.dumps({
+        "tool_turn": {"events": len(tool_events), "sequence": tool_sequence,
+                      "replay_log_bytes": _log_bytes(gateway.settings, sent.message_id)},
+        "ask_human_turn": {"events": len(ask_events), "sequence": ask_sequence,
+                           "replay_log_bytes": _log_bytes(gateway.settings,
+                                                          ask_turn["message_id"])},
+    }, indent=2, ensure_ascii=False))
+    for events in (tool_events, ask_events):
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["event"] for e in events].count("message_end") == 1
+        assert events[-1]["event"] == "message_end"
+    # One step grows: its thinking, then its tool call (and the tool's refusal), then text.
+    assert tool_sequence[0].startswith("agent_thought 1 (thinking)")
+    assert any(name.startswith("agent_thought 1 (lookup)") for name in tool_sequence)
+    assert tool_sequence[-2].startswith("agent_message") and tool_sequence[-1] == "message_end"
+    # The question ends the first leg; the continuation goes on on the same stream.
+    question_at = ask_sequence.index("human_input_required")
+    assert any(n.startswith("agent_thought 1 (ask_human)") for n in ask_sequence[:question_at])
+    assert ask_sequence[question_at + 1:][-1] == "message_end"
+    assert any(n.startswith("agent_message") for n in ask_sequence[question_at + 1:])
 
 
 @SQLITE_WORKER

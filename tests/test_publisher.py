@@ -32,6 +32,7 @@ from worker.publisher import (
     ReplayLogPolicy,
     TurnIds,
     _PendingCall,
+    log_index_key,
     replay_log_key,
     seq_key,
 )
@@ -745,7 +746,9 @@ def test_every_message_is_logged_with_the_same_bytes_and_seq_as_it_was_published
     pubsub = redis_client.pubsub()
     pubsub.subscribe(settings.channel_for(ids.message_id))
     assert pubsub.get_message(timeout=READ_TIMEOUT) is not None
-    publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids)
+    whole = ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=300, max_events=1000,
+                            compact=False)
+    publisher = make_bus(window_ms=LONG_WINDOW_MS, replay_log=whole).turn(ids)
 
     publisher.delta("Héllo")
     publisher.delta(" 👋")
@@ -831,24 +834,28 @@ def test_a_bound_below_the_log_length_trims_only_whole_old_nodes(
     assert entries[-1][0] == b"300-0"
 
 
-def test_a_two_thousand_token_answer_takes_a_few_hundred_kilobytes_of_log(
+def test_a_two_thousand_token_answer_is_compacted_to_a_few_kilobytes_of_log_at_its_end(
     make_bus: Callable[..., EventBus], redis_client: redis.Redis,
 ) -> None:
     """The realistic worst case: a model at 50 tokens/s against the 40 ms coalescing window
-    leaves two tokens per message: about a thousand entries (docs/gateway.md)."""
+    leaves two tokens per message: about a thousand entries while it streams (docs/gateway.md),
+    and once it has ended, the answer twice (its replace and its end)."""
     publisher = make_bus(window_ms=LONG_WINDOW_MS).turn(ids := new_ids())
     words = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
     tokens = [f" {words[index % len(words)]}" for index in range(2000)]
+    key = replay_log_key(ids.message_id)
 
     for index, token in enumerate(tokens):
         publisher.delta(token)
         if index % 2 == 1:
             publisher.flush()  # what the window does at this pace
+    live_entries, live_bytes = redis_client.xlen(key), redis_client.memory_usage(key, samples=0)
     publisher.end("".join(tokens), {"usage": {"completion_tokens": 2000}})
 
-    key = replay_log_key(ids.message_id)
-    assert redis_client.xlen(key) == 1002  # the first token alone, then pairs, then the end
-    assert redis_client.memory_usage(key, samples=0) < 512 * 1024
+    assert live_entries == 1001  # the first token alone, then pairs
+    assert 128 * 1024 < live_bytes < 512 * 1024
+    assert redis_client.xlen(key) == 2  # the answer as one replace, then the end
+    assert redis_client.memory_usage(key, samples=0) < 64 * 1024
 
 
 # Steps of the agent's process (agent_thought) --------------------------------------------
@@ -929,3 +936,117 @@ def test_discard_drops_what_is_queued_so_nothing_follows_an_error(
 
     assert [event["event"] for event in channel.take(2)] == ["agent_message", "error"]
     assert channel.quiet_for(0.3) == []
+
+
+# A finished turn's log, compacted ---------------------------------------------------------
+
+
+def _full_step(step_id: str, position: int, thought: str, observation: str = "") -> dict[str, Any]:
+    return {"id": step_id, "position": position, "thought": thought, "tool": "",
+            "tool_labels": {}, "tool_input": "", "observation": observation,
+            "message_files": []}
+
+
+def _client_state(events: list[dict[str, Any]],
+                  text: str = "", steps: dict[str, Any] | None = None) -> tuple[str, dict]:
+    """What a Dify-style client shows after these events: the text, and its steps by id."""
+    shown = dict(steps or {})
+    for event in events:
+        if event["event"] == "agent_message":
+            text += event["answer"]
+        elif event["event"] == "message_replace":
+            text = event["answer"]
+            if event["answer"] == "":
+                shown = {}
+        elif event["event"] == "agent_thought":
+            shown[event["id"]] = {k: event[k] for k in ("position", "thought", "observation")}
+    return text, shown
+
+
+def _publish_a_turn_with_steps(bus: EventBus, ids: TurnIds, subscriber: Channel,
+                               *, retried: bool = False) -> list[dict[str, Any]]:
+    publisher = bus.turn(ids)
+    if retried:
+        publisher.step(_full_step("old-1", 1, "a thought of the failed attempt"))
+        publisher.delta("Text the failed attempt showed. ")
+        publisher.replace("")
+    publisher.step(_full_step("s-1", 1, "Thinking"))
+    publisher.step(_full_step("s-1", 1, "Thinking about it"))
+    for word in ("The ", "answer ", "is "):
+        publisher.delta(word)
+    publisher.step(_full_step("s-2", 2, "Looking it up", observation="42"))
+    publisher.event("human_input_required", {"tool_call_id": "call-1", "tool_name":
+                                              "ask_human", "args": {"question": "OK?"}})
+    for word in ("forty", "-", "two."):
+        publisher.delta(word)
+    publisher.end("The answer is forty-two.", {"usage": None})
+    events = []
+    while not events or events[-1]["event"] != "message_end":
+        events.append(subscriber.next())
+    return events
+
+
+def test_a_finished_turns_log_keeps_the_steps_last_versions_the_other_events_and_the_answer(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+    subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    live = _publish_a_turn_with_steps(make_bus(window_ms=0), ids, subscribe(ids))
+
+    kept = replay_log(redis_client, ids)
+
+    last_text = max(e["seq"] for e in live if e["event"] == "agent_message")
+    assert [(e["event"], e.get("id")) for _, e in kept] == [
+        ("agent_thought", "s-1"), ("agent_thought", "s-2"),
+        ("human_input_required", ids.message_id), ("message_replace", ids.message_id),
+        ("message_end", ids.message_id)]
+    assert kept[0][1]["thought"] == "Thinking about it", "only the step's last version"
+    assert kept[3][1]["answer"] == "The answer is forty-two." and kept[3][1]["seq"] == last_text
+    assert [entry_id for entry_id, _ in kept] == [f"{e['seq']}-0".encode() for _, e in kept]
+    assert kept[-1][1] == live[-1], "the end is the very event clients got"
+    assert redis_client.exists(log_index_key(ids.message_id)) == 0
+
+
+@pytest.mark.parametrize("retried", [False, True], ids=["one attempt", "a retry reset it"])
+def test_a_client_resuming_a_finished_turn_after_any_seq_ends_with_exactly_its_answer(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+    subscribe: Callable[[TurnIds], Channel], retried: bool,
+) -> None:
+    ids = new_ids()
+    live = _publish_a_turn_with_steps(make_bus(window_ms=0), ids, subscribe(ids),
+                                      retried=retried)
+    kept = [event for _, event in replay_log(redis_client, ids)]
+    truth = _client_state(live)
+
+    for after in range(len(live) + 1):
+        had = _client_state(live[:after])
+        resumed = _client_state([e for e in kept if e["seq"] > after], *had)
+        assert resumed == truth, f"a client resuming after seq {after}"
+    assert truth[0] == "The answer is forty-two."
+    assert set(truth[1]) == {"s-1", "s-2"}, "the failed attempt's step is gone for everyone"
+
+
+def test_a_log_is_kept_whole_when_compaction_is_off(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+    subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    whole = ReplayLogPolicy(ttl_seconds=3600, ttl_after_end_seconds=300, max_events=1000,
+                            compact=False)
+    live = _publish_a_turn_with_steps(make_bus(window_ms=0, replay_log=whole), ids,
+                                      subscribe(ids))
+
+    assert [event for _, event in replay_log(redis_client, ids)] == live
+
+
+def test_an_error_leaves_the_log_whole(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    publisher = make_bus(window_ms=0).turn(ids := new_ids())
+
+    publisher.delta("partial ")
+    publisher.delta("text")
+    publisher.error(status=500, code="internal_error", message="boom")
+
+    assert [e["event"] for _, e in replay_log(redis_client, ids)] == [
+        "agent_message", "agent_message", "error"]

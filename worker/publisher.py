@@ -46,10 +46,11 @@ from worker.questions import question_key
 log = logging.getLogger(__name__)
 
 # KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log, KEYS[3]: the id and seq of its
-# last publish, KEYS[4] (when the turn holds its conversation's lease): the lease. ARGV: channel,
-# message JSON without its closing brace, counter TTL, log TTL (both in seconds), log length
-# bound, publish id, the lease's token. Returns the seq the message went out with. The log entry
-# and the pub/sub message are the same bytes.
+# last publish, KEYS[4]: the log's index (below), KEYS[5] (when the turn holds its
+# conversation's lease): the lease. ARGV: channel, message JSON without its closing brace,
+# counter TTL, log TTL (both in seconds), log length bound, publish id, the lease's token, the
+# event's kind for the index, and (on a message_end) the summary that compacts the log. Returns
+# the seq the message went out with. The log entry and the pub/sub message are the same bytes.
 #
 # The lease is the fence between two copies of a turn (worker/takeover.py): once another worker
 # has taken the turn over, a copy that was only paused publishes nothing more.
@@ -58,6 +59,16 @@ log = logging.getLogger(__name__)
 # again by the client's retry with the same publish id; it must not go out a second time under a
 # new seq, or the client would show that text twice. A turn has one publish in flight at a time
 # (``TurnPublisher`` holds its lock across it), so remembering the last one is enough.
+#
+# Compaction. While a turn streams, its log holds every event: a client that joins late needs
+# each delta. Once it has ended, most of that is redundant: a client needs the text it lacks,
+# which the end's answer is, and each step's latest version. The index hash (field ``t``: the
+# seq of the last text event, ``r``: of the last reset, ``s<step id>``: of the step's latest
+# version, ``o:<seq>``: every other event) says which entries those are, so that the end can
+# rebuild the log as: the other events, the last reset, and the steps' latest versions (those
+# after the last reset) at their own seqs, and in place of the last text event a
+# ``message_replace`` with the whole answer. A client resuming after any seq then ends with exactly the answer: before the
+# last text event it gets the replace, after it it had every delta already.
 _PUBLISH_SCRIPT = """
 local last = redis.call('GET', KEYS[3])
 if last then
@@ -66,16 +77,67 @@ if last then
     return tonumber(string.sub(last, sep + 1))
   end
 end
-if KEYS[4] and redis.call('GET', KEYS[4]) ~= ARGV[7] then
+if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[7] then
   return redis.error_reply('FENCED another worker holds the turn now')
 end
 local seq = redis.call('INCR', KEYS[1])
+local log_ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 local message = ARGV[2] .. ',"seq":' .. seq .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'data', message)
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 redis.call('SET', KEYS[3], ARGV[6] .. ' ' .. seq, 'EX', tonumber(ARGV[3]))
 redis.call('PUBLISH', ARGV[1], message)
+local kind = ARGV[8]
+if kind == 't' then
+  redis.call('HSET', KEYS[4], 't', seq)
+elseif kind == 'r' then
+  redis.call('HSET', KEYS[4], 't', seq, 'r', seq)
+elseif string.sub(kind, 1, 1) == 's' then
+  redis.call('HSET', KEYS[4], kind, seq)
+else
+  redis.call('HSET', KEYS[4], 'o:' .. seq, seq)
+end
+if ARGV[9] == '' then
+  redis.call('EXPIRE', KEYS[4], log_ttl)
+  redis.call('EXPIRE', KEYS[2], log_ttl)
+  return seq
+end
+local index = redis.call('HGETALL', KEYS[4])
+if #index <= 2 then
+  -- Nothing but this end is indexed (its log was compacted already): leave the log as it is.
+  redis.call('DEL', KEYS[4])
+  redis.call('EXPIRE', KEYS[2], log_ttl)
+  return seq
+end
+local text, reset, keep, steps = 0, 0, {}, {}
+for i = 1, #index, 2 do
+  local field, at = index[i], tonumber(index[i + 1])
+  if field == 't' then text = at
+  elseif field == 'r' then reset = at
+  elseif string.sub(field, 1, 1) == 's' then table.insert(steps, at)
+  else table.insert(keep, at) end
+end
+for _, at in ipairs(steps) do
+  if at > reset then table.insert(keep, at) end
+end
+if reset > 0 and reset ~= text then table.insert(keep, reset) end
+if text > 0 then table.insert(keep, text) end
+table.sort(keep)
+local rebuilt = KEYS[2] .. ':compacted'
+redis.call('DEL', rebuilt)
+for _, at in ipairs(keep) do
+  local data
+  if at == text then
+    data = ARGV[9] .. ',"seq":' .. at .. '}'
+  else
+    local entry = redis.call('XRANGE', KEYS[2], at .. '-0', at .. '-0')[1]
+    if entry then data = entry[2][2] end
+  end
+  if data then redis.call('XADD', rebuilt, at .. '-0', 'data', data) end
+end
+redis.call('RENAME', rebuilt, KEYS[2])
+redis.call('EXPIRE', KEYS[2], log_ttl)
+redis.call('DEL', KEYS[4])
 return seq
 """
 
@@ -98,6 +160,11 @@ def seq_key(message_id: str) -> str:
 def last_publish_key(message_id: str) -> str:
     """The id and seq of the turn's last publish, so that a resent publish is not repeated."""
     return f"agent-turn:published:{message_id}"
+
+
+def log_index_key(message_id: str) -> str:
+    """Which entries of the turn's replay log its compaction keeps (see the publish script)."""
+    return f"agent-turn:log-index:{message_id}"
 
 
 def replay_log_key(message_id: str) -> str:
@@ -123,6 +190,8 @@ class ReplayLogPolicy:
     ttl_seconds: int
     ttl_after_end_seconds: int
     max_events: int
+    # Whether a turn's end compacts its log (see the publish script).
+    compact: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReplayLogPolicy:
@@ -131,6 +200,7 @@ class ReplayLogPolicy:
             ttl_seconds=settings.replay_log_ttl_seconds,
             ttl_after_end_seconds=settings.replay_log_ttl_after_end_seconds,
             max_events=(settings.max_retries + 1) * per_attempt + REDELIVERY_ALLOWANCE,
+            compact=settings.replay_log_compact_on_end,
         )
 
 
@@ -537,12 +607,14 @@ class EventBus:
         # The counter must outlive the log: entry ids are seqs and must keep growing.
         log_ttl = min(log_ttl, self._state_ttl)
         stream = ids.stream_id
-        keys = [seq_key(stream), replay_log_key(stream), last_publish_key(stream)]
+        keys = [seq_key(stream), replay_log_key(stream), last_publish_key(stream),
+                log_index_key(stream)]
         args = [self._channel_for(stream), body[:-1], self._state_ttl, log_ttl,
-                policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}"]
+                policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}",
+                fence.token if fence is not None else "", _index_kind(event, fields),
+                self._summary(message) if event == "message_end" and policy.compact else ""]
         if fence is not None:
             keys.append(fence.key)
-            args.append(fence.token)
         # A refused connection is retried here (redis-py retries failures after connecting,
         # not a refused connect): a Redis restart or failover of a few seconds costs the turn
         # latency, not an attempt. Every retry, here or in redis-py, resends the same publish
@@ -565,6 +637,29 @@ class EventBus:
                 raise EventBusUnavailable(f"publishing {event} failed: {exc}",
                                           message_id=ids.message_id) from exc
         raise AssertionError("unreachable")
+
+
+    @staticmethod
+    def _summary(end: dict[str, Any]) -> str:
+        """The ``message_replace`` that stands for a finished turn's text in its compacted log,
+        without its seq and closing brace (the script adds them)."""
+        summary = {"event": "message_replace",
+                   **{name: end[name] for name in ("id", "task_id", "message_id",
+                                                   "conversation_id", "created_at")},
+                   "answer": end["answer"]}
+        return json.dumps(summary, ensure_ascii=False, separators=(",", ":"))[:-1]
+
+
+def _index_kind(event: str, fields: dict[str, Any]) -> str:
+    """How the log's index files an event: text (``t``), a reset (``r``), a step's version
+    (``s<step id>``) or any other (``o``)."""
+    if event == "agent_message":
+        return "t"
+    if event == "message_replace":
+        return "r" if fields.get("answer") == "" else "t"
+    if event == "agent_thought":
+        return f"s{fields.get('id', '')}"
+    return "o"
 
 
 class TurnPublisher:
