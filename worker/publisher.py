@@ -67,8 +67,9 @@ log = logging.getLogger(__name__)
 # version, ``o:<seq>``: every other event) says which entries those are, so that the end can
 # rebuild the log as: the other events, the last reset, and the steps' latest versions (those
 # after the last reset) at their own seqs, and in place of the last text event a
-# ``message_replace`` with the whole answer. A client resuming after any seq then ends with exactly the answer: before the
-# last text event it gets the replace, after it it had every delta already.
+# ``message_replace`` with the whole answer. A client resuming after any seq then ends with
+# exactly the answer: before the last text event it gets the replace, after it it had every
+# delta already.
 _PUBLISH_SCRIPT = """
 local last = redis.call('GET', KEYS[3])
 if last then
