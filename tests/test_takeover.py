@@ -175,6 +175,10 @@ class Streams:
                 raise AssertionError(f"not {what} within {timeout}s")
             self.pump(0.05)
 
+    @property
+    def task_ids(self) -> list[str]:
+        return sorted({event["task_id"] for events in self.events.values() for _, event in events})
+
     def chunks(self, message_id: str) -> int:
         return sum(e["event"] == "agent_message" for _, e in self.events[message_id])
 
@@ -301,6 +305,12 @@ def _kill_mid_stream_and_take_over(
     assert max(gaps) < BOUND_SECONDS, f"kill → next event: {sorted(gaps)}"
     _assert_each_turn_once(streams, stub, store, batch, taken_over=streaming,
                            taken_over_from="first-")
+    if settings.broker_url.startswith("redis"):
+        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+        held = [json.loads(raw)[0]["headers"]["id"] for raw in broker.hvals("unacked")]
+        broker.close()
+        assert not set(held) & set(streams.task_ids), (
+            "a taken-over message must not wait for a second delivery at the visibility timeout")
     second_log = (tmp_path / "second.log").read_text()
     assert "takeover: running turn" in second_log and "of dead worker first-" in second_log
     producer.close()
