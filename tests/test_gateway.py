@@ -974,16 +974,25 @@ def test_a_tool_turn_and_a_question_reach_a_gateway_client_in_the_order_they_hap
     assert any(n.startswith("agent_message") for n in ask_sequence[question_at + 1:])
 
 
+def ask(gateway: RunningGateway, listen: Any, producer_app: Any,
+        query: str) -> tuple[dict[str, Any], TurnListener, Any, dict[str, Any]]:
+    """Send a turn that asks its user; wait for the question. The turn, its listener, what
+    ``submit_turn`` returned, and an answer to the question with its one action."""
+    turn = make_turn(query=query)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
+    asked = listener.wait_for("human_input_required")
+    return turn, listener, submitted, {"tool_call_id": asked["tool_call_id"],
+                                       "action": "submit", "values": {}}
+
+
 @SQLITE_WORKER
 def test_a_second_answer_to_the_same_question_is_refused_with_409(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
     gateway: RunningGateway,
 ) -> None:
-    turn = make_turn(query="CALL_TOOL:ask_human twice")
-    listener = listen(turn["message_id"])
-    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
-    asked = listener.wait_for("human_input_required")
-    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+    turn, listener, submitted, answer = ask(gateway, listen, producer_app,
+                                            "CALL_TOOL:ask_human twice")
 
     first = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
     second = post_answer(gateway, turn["message_id"], answer, token=submitted.stream_token)
@@ -1000,11 +1009,8 @@ def test_an_answer_with_another_owners_token_is_refused_and_the_question_stays_o
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any,
     gateway: RunningGateway,
 ) -> None:
-    turn = make_turn(query="CALL_TOOL:ask_human who are you")
-    listener = listen(turn["message_id"])
-    submitted = submit_turn(turn, celery_app=producer_app, settings=gateway.settings)
-    asked = listener.wait_for("human_input_required")
-    answer = {"tool_call_id": asked["tool_call_id"], "action": "submit", "values": {}}
+    turn, listener, submitted, answer = ask(gateway, listen, producer_app,
+                                            "CALL_TOOL:ask_human who are you")
 
     intruder = post_answer(gateway, turn["message_id"], answer,
                            token=gateway.token(turn["message_id"], tenant_id="tenant-2"))
