@@ -25,6 +25,7 @@ from tests.conftest import (
 )
 from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, TurnTakenOver
 from worker.payload import parse_turn
+from worker.supervisor import stop_key
 from worker.turn import TurnServices, end_stopped_before_running, run_turn
 
 ServicesFactory = Callable[..., TurnServices]
@@ -225,6 +226,24 @@ def test_a_revoke_announced_after_the_turn_ended_publishes_no_second_end(
     assert again is None
     assert [event["event"] for event in listener.events] == [e["event"] for e in first]
     assert [event["event"] for event in first].count("message_end") == 1
+
+
+def test_a_finished_turn_delivered_again_with_its_stop_flag_set_publishes_no_second_end(
+    make_services: ServicesFactory, listen: Callable[[str], TurnListener],
+    redis_client: Any,
+) -> None:
+    services = make_services()
+    turn = make_turn()
+    listener = listen(turn["message_id"])
+    attempt(services, turn)
+    first = listener.wait_for_end()
+    redis_client.set(stop_key(turn["message_id"]), "1", ex=60)  # a stop that came too late
+
+    again = attempt(services, turn)
+
+    listener.drain_quietly(0.3)
+    assert again.status == "succeeded" and again.replayed
+    assert listener.events == first, "nothing after the one end"
 
 
 def test_a_turn_revoked_before_it_ran_ends_stopped_once(

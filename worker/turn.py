@@ -178,6 +178,10 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
         task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
     try:
         if services.supervisor.stop_requested(turn.message_id):
+            ended = services.store.get_message(turn.message_id)
+            if ended is not None and ended.status in FINISHED_STATUSES:
+                # Delivered again after its end, with its stop flag still set: its end stands.
+                return _re_emit_end(turn, ended, publisher, services)
             log.info("turn %s was stopped before it ran", turn.message_id)
             return _end_stopped(new, publisher, services, progress, partial_answer="",
                                 run_id=None)
