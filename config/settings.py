@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     gateway_send_timeout_seconds: float = Field(30.0, gt=0)
     gateway_replay_page_size: int = Field(256, gt=0)
     gateway_subscribe_timeout_seconds: float = Field(5.0, gt=0)
+    # A lost pub/sub connection: how long open streams wait for it (pinging their clients)
+    # before they are cut, and over how long their re-reads of the log are spread once it is
+    # back, so that thousands of streams do not re-read in one burst.
+    gateway_pubsub_outage_seconds: float = Field(60.0, gt=0)
+    gateway_reread_spread_seconds: float = Field(1.0, ge=0)
     gateway_redis_max_connections: int = Field(32, gt=0)
     gateway_redis_health_check_seconds: float = Field(5.0, gt=0)
     # A stream of a turn that has published nothing yet (never enqueued, lost before a worker

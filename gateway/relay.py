@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import os
+import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -132,6 +133,12 @@ class Subscription:
 
     async def get(self) -> tuple[str, TurnEvent] | _Resync:
         return await self._queue.get()
+
+    def get_nowait(self) -> tuple[str, TurnEvent] | _Resync | None:
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     @property
     def queued(self) -> int:
@@ -320,14 +327,34 @@ class ReplayLog:
     shared pool. Every key is derived from a *stream id*: a message id, or a refusal stream's
     id (``worker.ownership.refusal_stream``), never from the message id alone."""
 
-    def __init__(self, client: aioredis.Redis, *, page_size: int) -> None:
+    def __init__(self, client: aioredis.Redis, *, page_size: int, max_reads: int = 32,
+                 reread_spread: float = 1.0) -> None:
         self._redis = client
         self.page_size = page_size
+        # Reads wait their turn here rather than for a pooled connection, whose wait has a
+        # time-out: after a lost pub/sub connection every stream re-reads at once.
+        self._reads = asyncio.Semaphore(max_reads)
+        self._reread_spread = reread_spread
+        self.waiting_reads = 0
+
+    async def spread_reread(self) -> None:
+        """A random pause of up to the spread before a stream's re-read after a resync: the
+        process's streams then re-read over that moment instead of in one burst."""
+        if self._reread_spread > 0:
+            await asyncio.sleep(random.uniform(0, self._reread_spread))
 
     async def read_after(self, stream_id: str, after: int) -> list[TurnEvent]:
         """Up to one page of the stream's events with seq above ``after``, in order."""
-        entries = await self._redis.xrange(replay_log_key(stream_id), min=f"{after + 1}-0",
-                                           max="+", count=self.page_size)
+        self.waiting_reads += 1
+        try:
+            await self._reads.acquire()
+        finally:
+            self.waiting_reads -= 1
+        try:
+            entries = await self._redis.xrange(replay_log_key(stream_id), min=f"{after + 1}-0",
+                                               max="+", count=self.page_size)
+        finally:
+            self._reads.release()
         return [TurnEvent.from_message(fields[b"data"]) for _, fields in entries]
 
     async def state(self, stream_id: str, after: int) -> StreamState:
@@ -462,10 +489,23 @@ class Route:
 
 @dataclass
 class StreamCounters:
-    """What /healthz reports about the streams this process has served."""
+    """What /healthz reports about the streams this process has served: how many are open,
+    and how each closed. A stream ends with its turn (``turn_ended``, ``turn_not_started``),
+    by its client's choice (``client_disconnected``, ``cancelled`` at shutdown), or is *cut*
+    (``CUT_CAUSES``): the client could not keep up, or Redis failed it."""
 
     open: int = 0
     closed: Counter[str] = field(default_factory=Counter)
+    # Frames sent, and the writes they took: several frames ready at once go out in one write.
+    frames: int = 0
+    writes: int = 0
+
+    def cut(self) -> dict[str, int]:
+        return {cause: self.closed[cause] for cause in CUT_CAUSES if self.closed[cause]}
+
+
+# Why a stream can be cut (see StreamCounters); the rest of the outcomes are endings.
+CUT_CAUSES = ("client_too_slow", "send_timeout", "redis_failed", "pubsub_not_back")
 
 
 class _NotStarted:
@@ -485,12 +525,14 @@ class TurnStreams:
     def __init__(self, *, hub: PubSubHub, replay_log: ReplayLog,
                  channel_for: Callable[[str], str], buffer_events: int,
                  subscribe_timeout: float, first_event_timeout: float,
-                 counters: StreamCounters) -> None:
+                 counters: StreamCounters, pubsub_outage: float | None = None) -> None:
         self._hub = hub
         self._log = replay_log
         self._channel_for = channel_for
         self._buffer_events = buffer_events
         self._subscribe_timeout = subscribe_timeout
+        # How long open streams wait (pinging their clients) for a lost pub/sub connection.
+        self._pubsub_outage = pubsub_outage if pubsub_outage is not None else subscribe_timeout
         self._first_event_timeout = first_event_timeout
         self.counters = counters
 
@@ -541,7 +583,7 @@ class TurnStreams:
                                 if waits_for_first_event else None),
                 first_event_timeout=self._first_event_timeout, hub=self._hub,
                 subscription=subscription, replay_log=self._log,
-                channel_for=self._channel_for, resubscribe_timeout=self._subscribe_timeout,
+                channel_for=self._channel_for, resubscribe_timeout=self._pubsub_outage,
                 counters=self.counters)
             opened = True
             return stream
@@ -592,6 +634,8 @@ class TurnStream:
         self._channel_for = channel_for
         self._resubscribe_timeout = resubscribe_timeout
         self._counters = counters
+        self._held: tuple[str, TurnEvent] | _Resync | None = None
+        self.stop_cause: str | None = None
         counters.open += 1
 
     @property
@@ -605,17 +649,58 @@ class TurnStream:
             event = await self._next_event()
         except (RedisError, OSError) as exc:
             log.warning("stream of %s stopped, Redis failed: %s", self.message_id, exc)
+            self.stop_cause = "redis_failed"
             return None
         if event is None:
             return None
         if isinstance(event, _NotStarted):
             self._ended = self.not_started = True
             return self._not_started_frame()
+        self._counters.writes += 1
+        return self._sending(event)
+
+    def ready_frames(self, limit: int) -> list[bytes]:
+        """Frames that can go out now without waiting, in order, at most ``limit``: what a
+        write merges with the frame before it. Each keeps its own ``id:`` line, so a client
+        that is cut mid-write resumes after the last frame it parsed whole."""
+        frames: list[bytes] = []
+        while len(frames) < limit and not self._ended:
+            event = self._ready_event()
+            if event is None:
+                break
+            frames.append(self._sending(event))
+        return frames
+
+    def _sending(self, event: TurnEvent) -> bytes:
+        self._counters.frames += 1
         self.last_seq = event.seq
         self.sent += 1
         self._first_event_by = None
         self._ended = event.terminal
         return event.frame
+
+    def _ready_event(self) -> TurnEvent | None:
+        """The next event if it is here already and next in line; anything else (a gap, a
+        resync, another channel's event) is left for ``_next_event``."""
+        while self._backlog:
+            event = self._backlog[0]
+            if event.seq > self.last_seq + 1:
+                return None
+            self._backlog.popleft()
+            if event.seq == self.last_seq + 1:
+                return event
+        if self._log_may_hold_more or self._gap_event is not None or self._held is not None:
+            return None
+        stream_id = self.route.stream_id
+        item = self._subscription.get_nowait()
+        if item is None:
+            return None
+        if (isinstance(item, tuple) and stream_id is not None
+                and item[0] == self._channel_for(stream_id)
+                and item[1].seq == self.last_seq + 1):
+            return item[1]
+        self._held = item
+        return None
 
     def _not_started_frame(self) -> bytes:
         # ASCII JSON (ensure_ascii): the message id from the path cannot break the frame.
@@ -654,7 +739,11 @@ class TurnStream:
                 if not await self._subscription.wait_ready(self._resubscribe_timeout):
                     log.warning("stream of %s stopped: pub/sub not back within %.0fs",
                                 self.message_id, self._resubscribe_timeout)
+                    self.stop_cause = "pubsub_not_back"
                     return None
+                # Every stream of the process re-reads its log now: spread over a moment, and
+                # queued for the log's connections (ReplayLog), so that none of them times out.
+                await self._log.spread_reread()
                 if self.route.stream_id is None:
                     await self._settled(await self.route.settle(self._log))
                 self._log_may_hold_more = self.route.stream_id is not None
@@ -686,6 +775,9 @@ class TurnStream:
 
     async def _wait(self) -> tuple[str, TurnEvent] | _Resync | _NotStarted:
         """The next live item; ``NOT_STARTED`` once the first event is overdue."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
         if self._first_event_by is None:
             return await self._subscription.get()
         try:
@@ -696,11 +788,15 @@ class TurnStream:
 
     async def aclose(self, reason: CloseReason) -> None:
         await self._hub.unsubscribe(self._subscription)
-        outcome = "turn_not_started" if self.not_started else reason.value
+        if self.not_started:
+            outcome = "turn_not_started"
+        elif reason is CloseReason.ENDED:
+            outcome = "turn_ended" if self._ended else (self.stop_cause or "redis_failed")
+        else:
+            outcome = reason.value
         self._counters.open -= 1
         self._counters.closed[outcome] += 1
-        level = logging.WARNING if reason in (CloseReason.TOO_SLOW,
-                                              CloseReason.SEND_TIMEOUT) else logging.INFO
+        level = logging.WARNING if outcome in CUT_CAUSES else logging.INFO
         log.log(level, "stream of turn %s for user %s closed (%s, %s stream): %d events sent, "
                 "last seq %d", self.message_id, self.user_id, outcome, self.route.kind,
                 self.sent, self.last_seq)

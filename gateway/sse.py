@@ -6,6 +6,10 @@ line carrying the event's ``seq``, so that a browser's EventSource sends it back
 ``ping_interval`` seconds: proxies and load balancers close connections that look idle, and a
 client can tell a quiet turn from a dead connection.
 
+When several frames are ready at once (a burst, or a client that reads a little behind), they go
+out in one write (``FrameSource.ready_frames``): the per-write cost of the server is paid once,
+and the client still parses each frame, with its own ``id:``, as it would have.
+
 ``EventStreamResponse`` stops streaming, whichever comes first, when its source says the stream
 is over, when the client goes away, when a single write has waited ``send_timeout`` seconds for
 the client to take bytes, or when ``abort`` is set (the relay sets it for a client that fell too
@@ -57,9 +61,16 @@ class CloseReason(enum.Enum):
     CANCELLED = "cancelled"  # the server is shutting down
 
 
+# At most this many frames go out in one write.
+MERGED_FRAMES = 64
+
+
 class FrameSource(Protocol):
     async def next_frame(self) -> bytes | None:
         """The next frame to send, waiting as long as it takes; None when the stream is over."""
+
+    def ready_frames(self, limit: int) -> list[bytes]:
+        """Frames after it that are ready now, without waiting (may be none)."""
 
     async def aclose(self, reason: CloseReason) -> None:
         """Release what the stream held; called once, however it stopped."""
@@ -130,7 +141,8 @@ class EventStreamResponse(Response):
                 if frame is None:
                     await self._send_body(send, b"", more_body=False)
                     return
-                await self._send_body(send, frame)
+                more = self._source.ready_frames(MERGED_FRAMES - 1)
+                await self._send_body(send, b"".join((frame, *more)) if more else frame)
         finally:
             if pending is not None:
                 pending.cancel()

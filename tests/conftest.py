@@ -538,8 +538,14 @@ def gateway_settings(**overrides: Any) -> Settings:
 @pytest.fixture(scope="session")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     """A real gateway process on a socket, reading the tests' pub/sub database."""
-    settings = gateway_settings()
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    running = start_gateway(gateway_settings(), tmp_path_factory.mktemp("gateway"))
+    yield running
+    stop_worker(running.process)
+
+
+def start_gateway(settings: Settings, folder: Path) -> RunningGateway:
+    """``python -m gateway`` with these settings, once it reports Redis connected."""
+    log_path = folder / "gateway.log"
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
     with log_path.open("wb") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env,
@@ -560,8 +566,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
             process.kill()
             raise RuntimeError(f"gateway not ready within 30s:\n{running.log_tail()}")
         time.sleep(0.1)
-    yield running
-    stop_worker(process)
+    return running
 
 
 # A TCP proxy that can cut a service off for a moment --------------------------------------

@@ -35,6 +35,7 @@ import redis
 from config.settings import Settings
 from gateway.tokens import mint_stream_token
 from tests.conftest import (
+    REDIS_PORT,
     ROOT,
     WAIT_SECONDS,
     RunningGateway,
@@ -42,9 +43,13 @@ from tests.conftest import (
     SSEFrame,
     SSEParser,
     StubControl,
+    TcpProxy,
     TurnListener,
     answer_of,
+    gateway_settings,
     make_turn,
+    start_gateway,
+    stop_worker,
     wait_until,
 )
 from worker.client import submit_turn
@@ -686,6 +691,144 @@ def test_nothing_is_lost_when_the_gateways_pubsub_connection_drops_mid_turn(
 
     assert [event["seq"] for event in read.events] == [1, 2, 3, 4, 5, 6]
     assert answer_of(read.events) == "onetwothreefourfive"
+    assert "pub/sub connection lost" in gateway.log_path.read_text()
+
+
+def test_frames_ready_at_once_go_out_in_fewer_writes_and_resume_exactly(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_owner(event_bus, ids.message_id)
+    publisher = event_bus.turn(ids)
+    for index in range(200):  # all in the log before the client comes: ready at once
+        publisher.delta(f"<{index}>")
+        publisher.flush()
+    before = gateway.health()
+    url = gateway.events_url(ids.message_id)
+    token = gateway.token(ids.message_id)
+
+    read = read_stream(url, token=token, max_events=200)
+    after = gateway.health()
+    resumed = read_stream(url, token=token, last_event_id=137, max_events=63)
+
+    frames = after["frames_sent"] - before["frames_sent"]
+    writes = after["writes"] - before["writes"]
+    assert [event["seq"] for event in read.events] == list(range(1, 201))
+    assert frames == 200 and writes <= 200 // 16, f"{frames} frames in {writes} writes"
+    assert [frame.id for frame in read.frames if frame.event is None] == [
+        str(seq) for seq in range(1, 201)], "each merged frame keeps its own id"
+    assert [event["seq"] for event in resumed.events] == list(range(138, 201))
+    assert answer_of(read.events[:137] + resumed.events) == "".join(
+        f"<{index}>" for index in range(200))
+
+
+def test_a_stream_that_ends_with_its_turn_is_counted_apart_from_cut_ones(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    publish_turn(event_bus, ids, ["done"])
+    before = gateway.health()
+
+    read_stream(gateway.events_url(ids.message_id), token=gateway.token(ids.message_id))
+
+    after = gateway.health()
+    assert after["closed_streams"]["turn_ended"] == before["closed_streams"].get(
+        "turn_ended", 0) + 1
+    assert after["cut_streams"] == before["cut_streams"]
+    assert after["gc_frozen_objects"] > 10_000, "start-up objects are kept off the collector"
+
+
+def test_a_stream_whose_pubsub_stays_lost_past_the_outage_bound_is_cut_with_that_cause(
+    event_bus: EventBus, tmp_path: Path,
+) -> None:
+    proxy = TcpProxy(REDIS_PORT)
+    base = gateway_settings()
+    settings = gateway_settings(pubsub_url=base.pubsub_url.replace(
+        f":{REDIS_PORT}/", f":{proxy.port}/"), gateway_pubsub_outage_seconds=1.0)
+    running = start_gateway(settings, tmp_path)
+    try:
+        ids = new_ids()
+        record_owner(event_bus, ids.message_id)
+        event_bus.turn(ids).delta("before")
+        with httpx.stream("GET", running.events_url(ids.message_id),
+                          params={"token": running.token(ids.message_id)},
+                          timeout=httpx.Timeout(10.0)) as response:
+            lines = response.iter_lines()
+            while next(lines) != "":
+                pass  # the first frame: the stream is open
+            proxy.cut(30)  # Redis out of reach for the gateway, past the 1 s bound
+            rest = list(lines)  # the gateway ends the response: an EventSource reconnects
+        assert not any('"message_end"' in line for line in rest)
+        wait_until(lambda: "pubsub_not_back" in running.log_path.read_text(), timeout=10)
+        log_text = running.log_path.read_text()
+        health = running.health()
+    finally:
+        stop_worker(running.process)
+        proxy.close()
+    assert "pub/sub not back within 1s" in log_text
+    assert "closed (pubsub_not_back" in log_text
+    assert health["cut_streams"] == {"pubsub_not_back": 1}
+    assert health["closed_streams"].get("turn_ended", 0) == 0
+
+
+async def _read_many(urls: list[tuple[str, str]], opened: asyncio.Event,
+                     opened_count: list[int]) -> list[list[dict[str, Any]]]:
+    """Read many streams at once to their ends; ``opened`` is set once each had a frame."""
+    limits = httpx.Limits(max_connections=len(urls), max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits) as client:
+        async def one(url: str, token: str) -> list[dict[str, Any]]:
+            events: list[dict[str, Any]] = []
+            first = True
+            async with client.stream("GET", url, params={"token": token}) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(json.loads(line[len("data: "):]))
+                    if first:
+                        first = False
+                        opened_count[0] += 1
+                        if opened_count[0] == len(urls):
+                            opened.set()
+            return events
+
+        return await asyncio.gather(*(one(url, token) for url, token in urls))
+
+
+def test_five_hundred_streams_keep_every_event_when_the_pubsub_connection_is_killed(
+    gateway: RunningGateway, event_bus: EventBus, redis_client: redis.Redis,
+) -> None:
+    turns = [new_ids() for _ in range(500)]
+    for ids in turns:
+        record_owner(event_bus, ids.message_id)
+        publisher = event_bus.turn(ids)
+        publisher.delta("one ")
+        publisher.flush()
+    urls = [(gateway.events_url(ids.message_id), gateway.token(ids.message_id))
+            for ids in turns]
+    before = gateway.health()
+    loop = asyncio.new_event_loop()
+    opened, count = asyncio.Event(), [0]
+    try:
+        reading = loop.create_task(_read_many(urls, opened, count))
+        loop.run_until_complete(asyncio.wait_for(opened.wait(), 60))
+        name = f"agent-turn-gateway-pubsub-{gateway.process.pid}"
+        [client] = [c for c in redis_client.client_list() if c["name"] == name]
+        redis_client.client_kill_filter(_id=client["id"])
+        for ids in turns:  # while the gateway reconnects and every stream re-reads
+            publisher = event_bus.turn(ids)
+            publisher.delta("two ")
+            publisher.flush()
+            publisher.end("one two ", {"usage": None})
+        streams = loop.run_until_complete(asyncio.wait_for(reading, 90))
+    finally:
+        loop.close()
+    after = gateway.health()
+
+    assert all(answer_of(events) == "one two " for events in streams)
+    assert all([e["seq"] for e in events] == [1, 2, 3] for events in streams)
+    assert after["cut_streams"] == before["cut_streams"], "no stream was cut"
+    assert after["closed_streams"]["turn_ended"] - before["closed_streams"].get(
+        "turn_ended", 0) == 500
     assert "pub/sub connection lost" in gateway.log_path.read_text()
 
 
@@ -1424,6 +1567,9 @@ def read_as_difys_client(url: str, token: str) -> DifyClientView:
             view.conversation_ids.add(frame.get("conversation_id"))
             if event in ("message", "agent_message"):
                 view.answer += frame.get("answer", "")
+                view.message_ids.append(frame.get("id"))
+            elif event == "message_replace":  # its onMessageReplace: the answer, replaced
+                view.answer = frame.get("answer", "")
                 view.message_ids.append(frame.get("id"))
             elif event == "agent_thought":
                 view.thoughts[frame.get("id")] = frame
