@@ -41,6 +41,7 @@ from gateway.sse import STREAM_HEADERS, EventStreamResponse
 from gateway.tokens import StreamClaims, TokenRejected, verify_stream_token
 from worker.client import producer_app, submit_human_input_for
 from worker.errors import AgentBackendError, InvalidTurnPayload
+from worker.logs import install_safe_log_records
 from worker.payload import parse_human_answer
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,7 @@ def _freeze_start_up_objects() -> None:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    install_safe_log_records()  # in every process that serves, uvicorn's workers included
     settings = settings or get_settings()
     secret = settings.gateway_secret.get_secret_value().encode()
     hub = PubSubHub(settings.pubsub_url,

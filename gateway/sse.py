@@ -10,6 +10,9 @@ When several frames are ready at once (a burst, or a client that reads a little 
 out in one write (``FrameSource.ready_frames``): the per-write cost of the server is paid once,
 and the client still parses each frame, with its own ``id:``, as it would have.
 
+Pings go out when nothing was sent for ``ping_interval`` (checked every half of it, so the gap
+is at most one and a half intervals).
+
 ``EventStreamResponse`` stops streaming, whichever comes first, when its source says the stream
 is over, when the client goes away, when a single write has waited ``send_timeout`` seconds for
 the client to take bytes, or when ``abort`` is set (the relay sets it for a client that fell too
@@ -26,7 +29,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 PING_FRAME = b"event: ping\n\n"
 
@@ -65,19 +68,26 @@ class CloseReason(enum.Enum):
 MERGED_FRAMES = 64
 
 
+class _Idle:
+    """What ``FrameSource.next_frame`` gives when it was ``poke``d while it waited."""
+
+
+IDLE = _Idle()
+
+
 class FrameSource(Protocol):
-    async def next_frame(self) -> bytes | None:
-        """The next frame to send, waiting as long as it takes; None when the stream is over."""
+    async def next_frame(self) -> bytes | _Idle | None:
+        """The next frame to send, waiting as long as it takes; ``IDLE`` if ``poke`` was called
+        while it waited; None when the stream is over."""
 
     def ready_frames(self, limit: int) -> list[bytes]:
         """Frames after it that are ready now, without waiting (may be none)."""
 
+    def poke(self) -> None:
+        """Make a waiting ``next_frame`` return ``IDLE`` (time for a ping)."""
+
     async def aclose(self, reason: CloseReason) -> None:
         """Release what the stream held; called once, however it stopped."""
-
-
-class _SendTimedOut(Exception):
-    pass
 
 
 class EventStreamResponse(Response):
@@ -100,10 +110,13 @@ class EventStreamResponse(Response):
         self._ping_interval = ping_interval
         self._send_timeout = send_timeout
         self._abort = abort
+        self._sending_since: float | None = None
+        self._sent_since_tick = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
-        watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE}
+        watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE,
+                    asyncio.create_task(self._tick()): CloseReason.SEND_TIMEOUT}
         if self._abort is not None:
             watchers[asyncio.create_task(self._abort.wait())] = CloseReason.TOO_SLOW
         done: set[asyncio.Task[None]] = set()
@@ -117,47 +130,58 @@ class EventStreamResponse(Response):
             await asyncio.gather(pump, *watchers, return_exceptions=True)
             if pump in done:
                 error = pump.exception()
-                reason = (CloseReason.SEND_TIMEOUT if isinstance(error, _SendTimedOut)
-                          else CloseReason.ENDED)
+                reason = CloseReason.ENDED
             else:
                 reason = next((watchers[task] for task in done), CloseReason.CANCELLED)
             await self._source.aclose(reason)
-        if error is not None and not isinstance(error, _SendTimedOut):
+        if error is not None:
             raise error
 
     async def _pump(self, send: Send) -> None:
-        await self._send({"type": "http.response.start", "status": self.status_code,
-                          "headers": self.raw_headers}, send)
-        pending: asyncio.Future[bytes | None] | None = None
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(self._source.next_frame())
-                done, _ = await asyncio.wait({pending}, timeout=self._ping_interval)
-                if not done:
-                    await self._send_body(send, PING_FRAME)
-                    continue
-                frame, pending = pending.result(), None
-                if frame is None:
-                    await self._send_body(send, b"", more_body=False)
-                    return
+        """Frames as they come, merged when several are ready, a ping when idle.
+
+        Nothing per frame but the wait for it and the write: no task, timer or time-out is
+        made for each one (at thousands of frames a second they were a third of the CPU).
+        The pings and the send time-out are kept by ``_tick`` instead.
+        """
+        loop = asyncio.get_running_loop()
+        self._sending_since = loop.time()
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        while True:
+            self._sending_since = None
+            frame = await self._source.next_frame()
+            if frame is None:
+                body, more_body = b"", False
+            elif isinstance(frame, _Idle):
+                body, more_body = PING_FRAME, True
+            else:
                 more = self._source.ready_frames(MERGED_FRAMES - 1)
-                await self._send_body(send, b"".join((frame, *more)) if more else frame)
-        finally:
-            if pending is not None:
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+                body, more_body = (b"".join((frame, *more)) if more else frame), True
+                self._sent_since_tick = True
+            self._sending_since = loop.time()
+            await send({"type": "http.response.body", "body": body, "more_body": more_body})
+            if not more_body:
+                return
 
-    async def _send_body(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
-        await self._send({"type": "http.response.body", "body": body, "more_body": more_body},
-                         send)
-
-    async def _send(self, message: Message, send: Send) -> None:
-        try:
-            async with asyncio.timeout(self._send_timeout):
-                await send(message)
-        except TimeoutError:
-            raise _SendTimedOut from None
+    async def _tick(self) -> None:
+        """Every moment: ping a stream that sent nothing since the last one, and end it (it
+        returns) when one write has waited ``send_timeout`` for the client's socket."""
+        loop = asyncio.get_running_loop()
+        interval = min(self._ping_interval / 2, self._send_timeout / 4)
+        quiet_since = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            started = self._sending_since
+            if started is not None and now - started >= self._send_timeout:
+                return
+            if self._sent_since_tick:
+                self._sent_since_tick = False
+                quiet_since = now
+            elif now - quiet_since >= self._ping_interval and started is None:
+                quiet_since = now
+                self._source.poke()
 
 
 async def _client_gone(receive: Receive) -> None:
