@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -56,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=5.0, help="events per second per turn")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0,
+                        help="how long a turn streams, on average (each from 0.5x to 1.5x)")
     parser.add_argument("--workers", type=int, default=1, help="gateway processes")
     parser.add_argument("--client-procs", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
@@ -104,11 +106,9 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         cpu_before = _cpu(gateway_tree)
         publisher = context.Process(target=_publish, daemon=True,
                                     args=(pubsub_url, turns, args.rate, args.seconds, results))
-        started = time.monotonic()
         publisher.start()
         publisher.join(args.seconds + 120)
         collected = [results.get(timeout=args.seconds + 180) for _ in range(args.client_procs + 1)]
-        wall = time.monotonic() - started
         cpu_after = _cpu(gateway_tree)
         for client in clients:
             client.join(10)
@@ -131,12 +131,16 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "latency_max_ms": round(latencies[-1], 1) if latencies else None,
         "gateway_cpu_s": round(gateway_cpu, 2),
         "gateway_us_per_frame": round(gateway_cpu / delivered * 1e6, 1) if delivered else None,
-        "frames_per_s": round(delivered / wall),
+        "frames_per_s": round(delivered / published["wall_s"]),
         "rss_per_stream_kb": round((rss_open - rss_before) / args.streams / 1024, 1),
         "publisher_cpu_s": round(published["cpu_s"], 2),
         "clients_cpu_s": round(sum(r["cpu_s"] for r in client_results), 2),
         "cut_streams": health.get("cut_streams"), "writes": health.get("writes"),
         "frames_sent": health.get("frames_sent"),
+        "worst_ms_by_second": {second: round(max(r["worst_by_second"].get(second, 0)
+                                                 for r in client_results), 1)
+                               for second in sorted({s for r in client_results
+                                                     for s in r["worst_by_second"]})},
     }
 
 
@@ -189,16 +193,19 @@ def _percentile(ordered: list[float], q: float) -> float | None:
 
 
 def _publish(url: str, turns: list[str], rate: float, seconds: float, results: Any) -> None:
-    """Each turn's events on its own schedule (a random phase in its interval), due events
-    sent together in pipelined script calls; then each turn's end."""
+    """Each turn's events on its own schedule (a random phase in its interval, a length drawn
+    between half and one and a half ``seconds``, so that turns end over time as real ones do),
+    due events sent together in pipelined script calls; then each turn's end."""
+    gc.disable()  # as the clients: its pauses would show as the gateway's latency
     client = redis.Redis.from_url(url)
     script = client.register_script(_PUBLISH_SCRIPT)
     script.sha = client.script_load(_PUBLISH_SCRIPT)
     interval = 1.0 / rate
-    count = int(seconds * rate)
     start = time.monotonic() + 0.2
+    lengths = {message_id: max(1, round(seconds * rate * random.uniform(0.5, 1.5)))
+               for message_id in turns}
     schedule = sorted((start + random.uniform(0, interval) + k * interval, k, message_id)
-                      for message_id in turns for k in range(count + 1))
+                      for message_id in turns for k in range(lengths[message_id] + 1))
     cpu_start = time.process_time()
     sent = 0
     index = 0
@@ -213,7 +220,7 @@ def _publish(url: str, turns: list[str], rate: float, seconds: float, results: A
             continue
         pipeline = client.pipeline(transaction=False)
         for _, k, message_id in schedule[index:due_until]:
-            event = "message_end" if k == count else "agent_message"
+            event = "message_end" if k == lengths[message_id] else "agent_message"
             body = (f'{{"event":"{event}","id":"{message_id}","message_id":"{message_id}",'
                     f'"t":{time.time_ns()},"answer":"token {k} "')
             keys = [seq_key(message_id), replay_log_key(message_id),
@@ -225,7 +232,7 @@ def _publish(url: str, turns: list[str], rate: float, seconds: float, results: A
         pipeline.execute()
         sent += due_until - index
         index = due_until
-    results.put({"kind": "publisher", "events": sent,
+    results.put({"kind": "publisher", "events": sent, "wall_s": time.monotonic() - start,
                  "cpu_s": time.process_time() - cpu_start})
 
 
@@ -234,12 +241,16 @@ def _publish(url: str, turns: list[str], rate: float, seconds: float, results: A
 
 def _client_process(turns: list[str], port: int, opened: Any, results: Any,
                     timeout: float) -> None:
+    # No collector pauses in the instruments: a pause here would be charged to the gateway.
+    gc.disable()
     asyncio.run(_clients(turns, port, opened, results, timeout))
 
 
 async def _clients(turns: list[str], port: int, opened: Any, results: Any,
                    timeout: float) -> None:
     latencies: list[float] = []
+    worst: dict[int, float] = {}  # second of the run -> its worst latency, ms
+    started_ns = time.time_ns()
     counts = {"frames": 0, "complete": 0}
     ready = 0
     all_open = asyncio.Event()
@@ -276,8 +287,11 @@ async def _clients(turns: list[str], port: int, opened: Any, results: Any,
                 in_order = in_order and seq == expected_seq
                 expected_seq = seq + 1
                 counts["frames"] += 1
-                if counts["frames"] % 4 == 0 or b"message_end" in frame:
-                    latencies.append((now - int(sent.group(1))) / 1e6)
+                if counts["frames"] % 4 == 0:
+                    latency = (now - int(sent.group(1))) / 1e6
+                    latencies.append(latency)
+                    second = int((now - started_ns) / 1e9)
+                    worst[second] = max(worst.get(second, 0.0), latency)
                 if b'"event":"message_end"' in frame:
                     counts["complete"] += in_order
                     writer.close()
@@ -292,7 +306,8 @@ async def _clients(turns: list[str], port: int, opened: Any, results: Any,
     for task in pending:
         task.cancel()
     results.put({"kind": "clients", "frames": counts["frames"], "complete": counts["complete"],
-                 "latencies_ms": latencies, "cpu_s": time.process_time() - cpu_start})
+                 "latencies_ms": latencies, "cpu_s": time.process_time() - cpu_start,
+                 "worst_by_second": worst})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import asyncio
 import enum
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -112,11 +112,16 @@ class EventStreamResponse(Response):
         self._abort = abort
         self._sending_since: float | None = None
         self._sent_since_tick = False
+        self._quiet_since = 0.0
+        self._send_stuck = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
         watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE,
-                    asyncio.create_task(self._tick()): CloseReason.SEND_TIMEOUT}
+                    asyncio.create_task(self._send_stuck.wait()): CloseReason.SEND_TIMEOUT}
+        ticker = _Ticker.of_this_loop()
+        self._quiet_since = asyncio.get_running_loop().time()
+        ticker.watch(self, min(self._ping_interval / 2, self._send_timeout / 4))
         if self._abort is not None:
             watchers[asyncio.create_task(self._abort.wait())] = CloseReason.TOO_SLOW
         done: set[asyncio.Task[None]] = set()
@@ -125,6 +130,7 @@ class EventStreamResponse(Response):
             done, _ = await asyncio.wait({pump, *watchers},
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
+            ticker.forget(self)
             for task in (pump, *watchers):
                 task.cancel()
             await asyncio.gather(pump, *watchers, return_exceptions=True)
@@ -142,7 +148,7 @@ class EventStreamResponse(Response):
 
         Nothing per frame but the wait for it and the write: no task, timer or time-out is
         made for each one (at thousands of frames a second they were a third of the CPU).
-        The pings and the send time-out are kept by ``_tick`` instead.
+        The pings and the send time-out are kept by the process's ``_Ticker`` instead.
         """
         loop = asyncio.get_running_loop()
         self._sending_since = loop.time()
@@ -164,24 +170,57 @@ class EventStreamResponse(Response):
             if not more_body:
                 return
 
-    async def _tick(self) -> None:
-        """Every moment: ping a stream that sent nothing since the last one, and end it (it
-        returns) when one write has waited ``send_timeout`` for the client's socket."""
+    def _check(self, now: float) -> None:
+        """The ticker's look at this stream: ping it if it sent nothing for a ping interval;
+        end it if one write has waited ``send_timeout`` for the client's socket."""
+        started = self._sending_since
+        if started is not None and now - started >= self._send_timeout:
+            self._send_stuck.set()
+        elif self._sent_since_tick:
+            self._sent_since_tick = False
+            self._quiet_since = now
+        elif now - self._quiet_since >= self._ping_interval and started is None:
+            self._quiet_since = now
+            self._source.poke()
+
+
+class _Ticker:
+    """One task per event loop that looks at every open stream now and then (``_check``).
+
+    A task per stream that woke every few seconds cost as much, at thousands of streams, as
+    a tenth of their frames; one pass over them all costs a few microseconds each.
+    """
+
+    _by_loop: ClassVar[dict[asyncio.AbstractEventLoop, _Ticker]] = {}
+
+    def __init__(self) -> None:
+        self._streams: set[EventStreamResponse] = set()
+        self._interval = 1.0
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of_this_loop(cls) -> _Ticker:
         loop = asyncio.get_running_loop()
-        interval = min(self._ping_interval / 2, self._send_timeout / 4)
-        quiet_since = loop.time()
-        while True:
-            await asyncio.sleep(interval)
+        for other in [known for known in cls._by_loop if known.is_closed()]:
+            del cls._by_loop[other]
+        return cls._by_loop.setdefault(loop, cls())
+
+    def watch(self, stream: EventStreamResponse, interval: float) -> None:
+        self._streams.add(stream)
+        self._interval = min(self._interval, interval) if len(self._streams) > 1 else interval
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sse-ticker")
+
+    def forget(self, stream: EventStreamResponse) -> None:
+        self._streams.discard(stream)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._streams:
+            await asyncio.sleep(self._interval)
             now = loop.time()
-            started = self._sending_since
-            if started is not None and now - started >= self._send_timeout:
-                return
-            if self._sent_since_tick:
-                self._sent_since_tick = False
-                quiet_since = now
-            elif now - quiet_since >= self._ping_interval and started is None:
-                quiet_since = now
-                self._source.poke()
+            for stream in list(self._streams):
+                stream._check(now)
 
 
 async def _client_gone(receive: Receive) -> None:
