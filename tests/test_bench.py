@@ -311,3 +311,16 @@ def test_the_replay_memory_probe_measures_a_compacted_and_a_whole_log() -> None:
     assert int(compacted[3]) <= 3 < int(whole[3]), "a replace and the end, beside a step"
     assert int(compacted[1].replace(",", "")) < int(whole[1].replace(",", ""))
     assert int(compacted[4]) > 0, "resumes were checked"
+
+
+def test_the_gateway_load_probe_delivers_every_event_of_every_stream() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.gateway_load", "--streams", "20", "--rate", "10",
+         "--seconds", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["delivered"] == result["expected"] > 20 * 5
+    assert result["complete"] == 20
+    assert result["gateway_us_per_frame"] > 0 and result["cut_streams"] == {}
