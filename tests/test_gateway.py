@@ -884,6 +884,37 @@ def test_a_client_that_stops_reading_is_cut_off_and_can_resume(
     assert resumed.events[-1]["event"] == "message_end"
 
 
+def test_a_client_that_stops_reading_is_cut_while_a_prompt_one_on_the_same_turn_is_not(
+    gateway: RunningGateway, event_bus: EventBus,
+) -> None:
+    ids = new_ids()
+    record_owner(event_bus, ids.message_id)
+    publisher = event_bus.turn(ids)
+    url = gateway.events_url(ids.message_id)
+    token = gateway.token(ids.message_id)
+    cut_before = gateway.health()["cut_streams"].get("client_too_slow", 0)
+    flood, chunk = 400, "y" * 32_000
+    publisher.delta("start")
+    with ThreadPoolExecutor(1) as pool, httpx.Client(timeout=httpx.Timeout(5.0)) as client, \
+            client.stream("GET", url, params={"token": token}) as slow:
+        prompt = pool.submit(read_stream, url, token=token, timeout=60)
+        lines = slow.iter_lines()
+        while next(lines) != "":
+            pass  # the slow client's first frame; then it reads nothing more
+        for _ in range(flood):
+            publisher.delta(chunk)
+            publisher.flush()
+        wait_until(lambda: gateway.health()["cut_streams"].get("client_too_slow", 0)
+                   > cut_before, timeout=WAIT_SECONDS)
+        publisher.end("the end", {"usage": None})
+        prompt_read = prompt.result(60)
+
+    assert prompt_read.ended_by_server
+    assert [event["seq"] for event in prompt_read.events] == list(range(1, flood + 3))
+    assert gateway.health()["cut_streams"].get("client_too_slow", 0) == cut_before + 1, (
+        "only the client that stopped reading was cut")
+
+
 def test_a_client_whose_socket_takes_nothing_for_the_send_timeout_is_cut_off(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
