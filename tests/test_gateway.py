@@ -155,6 +155,14 @@ def record_owner(bus: EventBus, message_id: str, owner: str = OWNER) -> None:
     bus.redis.set(owner_key(message_id), owner, ex=3600)
 
 
+def live_turn(gateway: RunningGateway, bus: EventBus) -> tuple[TurnIds, Any, str, str]:
+    """A turn whose owner is recorded and nothing published yet: its ids, its publisher, its
+    stream's URL and a token for it."""
+    ids = new_ids()
+    record_owner(bus, ids.message_id)
+    return ids, bus.turn(ids), gateway.events_url(ids.message_id), gateway.token(ids.message_id)
+
+
 def publish_turn(bus: EventBus, ids: TurnIds, deltas: list[str],
                  owner: str | None = OWNER) -> None:
     """A whole turn as the worker publishes it: its owner recorded, deltas, the end."""
@@ -667,11 +675,7 @@ def test_a_stream_of_a_turn_that_never_starts_ends_with_turn_not_started_after_t
 def test_nothing_is_lost_when_the_gateways_pubsub_connection_drops_mid_turn(
     gateway: RunningGateway, event_bus: EventBus, redis_client: redis.Redis,
 ) -> None:
-    ids = new_ids()
-    record_owner(event_bus, ids.message_id)
-    publisher = event_bus.turn(ids)
-    url = gateway.events_url(ids.message_id)
-    token = gateway.token(ids.message_id)
+    _, publisher, url, token = live_turn(gateway, event_bus)
     name = f"agent-turn-gateway-pubsub-{gateway.process.pid}"
 
     def drop_the_connection_after_two(frame: SSEFrame) -> None:
@@ -841,11 +845,7 @@ def _resident_bytes(pid: int) -> int:
 def test_a_client_that_stops_reading_is_cut_off_and_can_resume(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
-    ids = new_ids()
-    record_owner(event_bus, ids.message_id)
-    publisher = event_bus.turn(ids)
-    url = gateway.events_url(ids.message_id)
-    token = gateway.token(ids.message_id)
+    _, publisher, url, token = live_turn(gateway, event_bus)
     closed_slow_before = gateway.health()["closed_streams"].get("client_too_slow", 0)
     chunk = "x" * 32_000
     flood = 600  # 19 MB: far more than the socket buffers (a few MB) and the client's queue
@@ -887,11 +887,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_can_resume(
 def test_a_client_that_stops_reading_is_cut_while_a_prompt_one_on_the_same_turn_is_not(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
-    ids = new_ids()
-    record_owner(event_bus, ids.message_id)
-    publisher = event_bus.turn(ids)
-    url = gateway.events_url(ids.message_id)
-    token = gateway.token(ids.message_id)
+    _, publisher, url, token = live_turn(gateway, event_bus)
     cut_before = gateway.health()["cut_streams"].get("client_too_slow", 0)
     flood, chunk = 400, "y" * 32_000
     publisher.delta("start")

@@ -8,6 +8,7 @@ fails for good (an invalid payload, a permanent error, or the last retry spent).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import random
@@ -189,8 +190,15 @@ def _delivery_of(request: Request) -> Delivery | None:
         exchange=str(info.get("exchange") or ""), routing_key=str(info.get("routing_key") or ""),
         message_id=message_id if isinstance(message_id, str) else None,
         retries=int(request.request_dict.get("retries") or 0),
-        broker=broker_id(app.conf.broker_url),
-        kwargs=None if is_redis_url(app.conf.broker_url) else kwargs)
+        broker=_this_broker()[0], kwargs=None if _this_broker()[1] else kwargs)
+
+
+@functools.cache
+def _this_broker() -> tuple[str, bool]:
+    """The process's broker: its id, and whether it is Redis (whose messages are restored
+    rather than copied). Fixed for the process, and read for every message it receives."""
+    url = app.conf.broker_url
+    return broker_id(url), is_redis_url(url)
 
 
 @app.task(name=TURN_TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -377,9 +385,10 @@ def _hand_on(delivery: Delivery) -> bool:
     Redis broker (out of kombu's unacked hash: no second delivery at the visibility timeout),
     a copy under the same task id for another broker. False if there was nothing to hand on
     (acknowledged meanwhile, or a message of another broker than this worker's)."""
-    if delivery.broker != broker_id(app.conf.broker_url):
+    broker, on_redis = _this_broker()
+    if delivery.broker != broker:
         return False
-    if is_redis_url(app.conf.broker_url):
+    if on_redis:
         from worker.broker import restore_unacked
 
         with app.connection_for_write() as connection:
