@@ -41,8 +41,6 @@ from gateway.tokens import mint_stream_token
 from worker.ownership import owner_fingerprint, owner_key
 from worker.publisher import (
     _PUBLISH_SCRIPT,
-    last_publish_key,
-    log_index_key,
     replay_log_key,
     seq_key,
 )
@@ -223,10 +221,9 @@ def _publish(url: str, turns: list[str], rate: float, seconds: float, results: A
             event = "message_end" if k == lengths[message_id] else "agent_message"
             body = (f'{{"event":"{event}","id":"{message_id}","message_id":"{message_id}",'
                     f'"t":{time.time_ns()},"answer":"token {k} "')
-            keys = [seq_key(message_id), replay_log_key(message_id),
-                    last_publish_key(message_id), log_index_key(message_id)]
+            keys = [seq_key(message_id), replay_log_key(message_id)]
             args = [f"agent-turn:events:{message_id}", body, 3600,
-                    300 if event == "message_end" else 3600, 100_000,
+                    300 if event == "message_end" else 3600 if k == 1 else "", 100_000,
                     f"bench:{next(numbers)}", "", "o" if event == "message_end" else "t", ""]
             pipeline.evalsha(script.sha, len(keys), *keys, *args)
         pipeline.execute()

@@ -4,7 +4,7 @@ Starts the stub backend and two workers, one with finished turns' logs compacted
 default) and one with them kept whole (``AGENT_TURN_REPLAY_LOG_COMPACT_ON_END=false``), each
 on its own queue and bus database, and streams one turn of ``--tokens`` tokens at
 ``--token-delay`` through each, at once. While they stream, the replay log's size is sampled;
-after the end, every key the turn left on the bus (log, log index, seq counter, last publish,
+after the end, every key the turn left on the bus (log, head: seq and last publish,
 owner) is measured with ``MEMORY USAGE ... SAMPLES 0``. Then a client's view is checked: for
 a sample of resume points, the compacted log read after that seq on top of what the client
 had ends with exactly the final answer. The target (issue 15): at most 64 KB for a finished
@@ -30,7 +30,7 @@ from config.celery import celery_config
 from config.settings import Settings
 from worker.client import prepare_turn, submit_turn
 from worker.ownership import owner_key
-from worker.publisher import last_publish_key, log_index_key, replay_log_key, seq_key
+from worker.publisher import replay_log_key, seq_key
 
 
 def main() -> None:
@@ -111,8 +111,7 @@ def measure(settings: Settings, timeout: float) -> dict[str, Any]:
             peak = max(peak, int(bus.memory_usage(log, samples=0) or 0))
             next_sample = time.monotonic() + 0.5
     pubsub.close()
-    keys = [log, log_index_key(turn.message_id), seq_key(turn.message_id),
-            last_publish_key(turn.message_id), owner_key(turn.message_id)]
+    keys = [log, seq_key(turn.message_id), owner_key(turn.message_id)]
     sizes = [int(bus.memory_usage(key, samples=0) or 0) for key in keys]
     kept = [json.loads(fields[b"data"]) for _, fields in bus.xrange(log)]
     answer = live[-1].get("answer")

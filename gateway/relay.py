@@ -45,7 +45,7 @@ from redis.exceptions import RedisError
 
 from gateway.sse import IDLE, CloseReason, _Idle, encode_frame
 from worker.ownership import owner_key, refusal_stream
-from worker.publisher import TERMINAL_EVENTS, replay_log_key, seq_key
+from worker.publisher import TERMINAL_EVENTS, replay_log_key, seq_key, seq_of
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ class ReplayLog:
         pipeline.xrange(key, min=f"{after + 1}-0", max="+", count=self.page_size)
         published, last, at, page = await pipeline.execute()
         return StreamState(
-            published=int(published or 0),
+            published=seq_of(published),
             last=TurnEvent.from_message(last[0][1][b"data"]) if last else None,
             at_resume_point=(TurnEvent.from_message(at[0][1][b"data"])
                              if at and after > 0 else None),
@@ -422,7 +422,7 @@ class ReplayLog:
 
     async def published(self, stream_id: str) -> int:
         """The last seq the stream gave out (its counter outlives its log); 0 for none yet."""
-        return int(await self._redis.get(seq_key(stream_id)) or 0)
+        return seq_of(await self._redis.get(seq_key(stream_id)))
 
     async def owner_of(self, message_id: str) -> str | None:
         """The fingerprint of the owner the worker recorded for the message, if any yet."""

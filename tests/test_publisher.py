@@ -32,7 +32,7 @@ from worker.publisher import (
     ReplayLogPolicy,
     TurnIds,
     _PendingCall,
-    log_index_key,
+    seq_of,
     replay_log_key,
     seq_key,
 )
@@ -322,7 +322,7 @@ def test_the_seq_counter_expires(
 
     ttl = redis_client.ttl(bus.seq_key(ids.message_id))
     assert 0 < ttl <= 120
-    assert int(redis_client.get(bus.seq_key(ids.message_id))) == 1
+    assert seq_of(redis_client.get(bus.seq_key(ids.message_id))) == 1
 
 
 # End, replace, error ------------------------------------------------------------------------
@@ -776,14 +776,37 @@ def test_the_log_lives_while_the_turn_writes_and_briefly_after_its_end(
     key = replay_log_key(ids.message_id)
 
     publisher.delta("a")
-    redis_client.expire(key, 10)  # as if time had passed: the next write refreshes it
-    publisher.delta("b")
     live_ttl = redis_client.ttl(key)
-    publisher.end("ab", {"usage": None})
+    publisher.end("a", {"usage": None})
 
     assert 3590 < live_ttl <= 3600
     assert 290 < redis_client.ttl(key) <= 300
     assert redis_client.ttl(seq_key(ids.message_id)) > 3600, "the counter outlives the log"
+
+
+def test_deltas_refresh_the_turns_ttls_only_once_a_quarter_of_the_log_ttl_has_passed(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+) -> None:
+    policy = ReplayLogPolicy(ttl_seconds=2, ttl_after_end_seconds=1, max_events=1000)
+    publisher = make_bus(window_ms=0, replay_log=policy).turn(ids := new_ids())
+    log_key, head_key = replay_log_key(ids.message_id), seq_key(ids.message_id)
+
+    publisher.delta("a")
+    first = time.monotonic()
+    assert 0 < redis_client.pttl(log_key) <= 2000
+    redis_client.expire(log_key, 100)
+    redis_client.expire(head_key, 100)
+    publisher.delta("b")
+    not_refreshed = redis_client.ttl(log_key), redis_client.ttl(head_key)
+    wait_until(lambda: time.monotonic() >= first + 0.5, timeout=2)
+    publisher.delta("c")
+    refreshed = redis_client.pttl(log_key)
+    publisher.end("abc", {"usage": None})
+
+    assert not_refreshed[0] > 90 and not_refreshed[1] > 90, "a delta within the quarter"
+    assert 0 < refreshed <= 2000, "the first delta after it"
+    assert 0 < redis_client.pttl(log_key) <= 1000, "the end always sets the log's TTL"
+    assert [e["answer"] for _, e in replay_log(redis_client, ids)][-1] == "abc"
 
 
 def test_an_error_also_shortens_the_logs_life(
@@ -1004,7 +1027,6 @@ def test_a_finished_turns_log_keeps_the_steps_last_versions_the_other_events_and
     assert kept[3][1]["answer"] == "The answer is forty-two." and kept[3][1]["seq"] == last_text
     assert [entry_id for entry_id, _ in kept] == [f"{e['seq']}-0".encode() for _, e in kept]
     assert kept[-1][1] == live[-1], "the end is the very event clients got"
-    assert redis_client.exists(log_index_key(ids.message_id)) == 0
 
 
 @pytest.mark.parametrize("retried", [False, True], ids=["one attempt", "a retry reset it"])
@@ -1050,3 +1072,17 @@ def test_an_error_leaves_the_log_whole(
 
     assert [e["event"] for _, e in replay_log(redis_client, ids)] == [
         "agent_message", "agent_message", "error"]
+
+
+def test_a_head_holding_a_bare_seq_as_older_workers_wrote_it_counts_on_from_it(
+    make_bus: Callable[..., EventBus], redis_client: redis.Redis,
+    subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    redis_client.set(seq_key(ids.message_id), 5)
+    channel = subscribe(ids)
+
+    make_bus(window_ms=0).turn(ids).delta("next")
+
+    assert channel.next()["seq"] == 6
+    assert seq_of(redis_client.get(seq_key(ids.message_id))) == 6

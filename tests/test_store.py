@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,25 @@ def test_save_success_writes_snapshot_and_message_together(store: SessionStore) 
     assert stored.last_message_id == message.message_id
     loaded = store.load_snapshot(message.conversation_id, LAYERS)
     assert (loaded.snapshot, loaded.version) == (snapshot, 1)
+
+
+def test_an_attempt_without_a_run_to_rejoin_reads_its_snapshot_in_the_same_transaction(
+        store: SessionStore) -> None:
+    first = new_message()
+    store.begin_attempt(first)
+    save(store, first, expected_version=0, snapshot=snapshot_for(1), answer="first")
+    second = new_message(first.conversation_id, query="and then?")
+
+    fresh = store.begin_attempt(second, LAYERS)
+    store.record_run(second.message_id, run_id="run-2", run_count=1, base_version=1)
+    retry = store.begin_attempt(second, LAYERS)
+    other_composition = store.begin_attempt(new_message(first.conversation_id), ("other",))
+
+    assert fresh.snapshot is not None
+    assert (fresh.snapshot.snapshot, fresh.snapshot.version) == (snapshot_for(1), 1)
+    assert retry.snapshot is None, "a recorded run may be re-attached: nothing read for it"
+    assert other_composition.snapshot is not None
+    assert (other_composition.snapshot.snapshot, other_composition.snapshot.version) == (None, 1)
 
 
 def test_a_success_for_a_message_without_a_row_saves_nothing(store: SessionStore) -> None:
@@ -640,8 +660,9 @@ def test_a_question_leaves_the_message_awaiting_input_with_what_resuming_takes(
     assert (row.status, row.answer) == ("awaiting_input", "Let me ask.")
     assert row.pending_input["question"] == {"tool_call_id": "call_1"}
     assert store.begin_attempt(message).status == "awaiting_input", "a redelivery starts nothing"
-    assert store.awaiting_input_in(message.conversation_id, besides="other") == \
-        message.message_id
+    later = replace(message, message_id=f"msg-{uuid.uuid4().hex[:8]}", task_id="task-later")
+    assert store.claim(later) == message.message_id, "the next turn's claim sees the question"
+    assert store.claim(message) is None, "its own message is not another's question"
 
 
 def test_an_answer_is_taken_once_and_again_only_by_its_own_continuation(

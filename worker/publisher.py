@@ -45,12 +45,17 @@ from worker.questions import question_key
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the turn's sequence counter, KEYS[2]: its replay log, KEYS[3]: the id and seq of its
-# last publish, KEYS[4]: the log's index (below), KEYS[5] (when the turn holds its
-# conversation's lease): the lease. ARGV: channel, message JSON without its closing brace,
-# counter TTL, log TTL (both in seconds), log length bound, publish id, the lease's token, the
-# event's kind for the index, and (on a message_end) the summary that compacts the log. Returns
-# the seq the message went out with. The log entry and the pub/sub message are the same bytes.
+# KEYS[1]: the turn's head (its last seq and the id of the publish that took it, ``<seq>
+# <publish id>``), KEYS[2]: its replay log, KEYS[3] (when the turn holds its conversation's
+# lease): the lease. ARGV: channel, message JSON without its closing brace, head TTL, log TTL
+# (both in seconds; an empty log TTL keeps both keys' TTLs as they are), log length bound,
+# publish id, the lease's token, the event's kind for compaction, and (on a message_end) the
+# summary that compacts the log. Returns the seq the message went out with. The log entry's
+# ``data`` and the pub/sub message are the same bytes.
+#
+# The seq is the head's plus one: counted on the server in the call that publishes, so a number
+# is never skipped or reused whichever process publishes next. (A head written before the
+# publish id joined it holds the bare number; it is read as such.)
 #
 # The lease is the fence between two copies of a turn (worker/takeover.py): once another worker
 # has taken the turn over, a copy that was only paused publishes nothing more.
@@ -58,87 +63,85 @@ log = logging.getLogger(__name__)
 # A publish whose reply was lost (Redis restarted or the connection broke after it ran) is sent
 # again by the client's retry with the same publish id; it must not go out a second time under a
 # new seq, or the client would show that text twice. A turn has one publish in flight at a time
-# (``TurnPublisher`` holds its lock across it), so remembering the last one is enough.
+# (``TurnPublisher`` holds its lock across it), so the head's publish id is enough.
+#
+# TTLs are not refreshed by every publish: a turn's publisher refreshes them on its first
+# publish, on every event but answer text and steps, and when its last refresh is a quarter of
+# the log's TTL old (``TurnPublisher``), so a live turn's keys never come near expiring.
 #
 # Compaction. While a turn streams, its log holds every event: a client that joins late needs
 # each delta. Once it has ended, most of that is redundant: a client needs the text it lacks,
-# which the end's answer is, and each step's latest version. The index hash (field ``t``: the
-# seq of the last text event, ``r``: of the last reset, ``s<step id>``: of the step's latest
-# version, ``o:<seq>``: every other event) says which entries those are, so that the end can
-# rebuild the log as: the other events, the last reset, and the steps' latest versions (those
-# after the last reset) at their own seqs, and in place of the last text event a
-# ``message_replace`` with the whole answer. A client resuming after any seq then ends with
+# which the end's answer is, and each step's latest version. Each entry carries its kind (field
+# ``k``: ``t`` text, ``r`` a reset, ``s<step id>`` a step's version, ``o`` any other), so that
+# the end can rebuild the log as: the other events, the last reset, and the steps' latest
+# versions (those after the last reset) at their own seqs, and in place of the last text event
+# a ``message_replace`` with the whole answer. A client resuming after any seq then ends with
 # exactly the answer: before the last text event it gets the replace, after it it had every
 # delta already.
 _PUBLISH_SCRIPT = """
-local last = redis.call('GET', KEYS[3])
-if last then
-  local sep = string.find(last, ' ', 1, true)
-  if string.sub(last, 1, sep - 1) == ARGV[6] then
-    return tonumber(string.sub(last, sep + 1))
-  end
+local head, holder
+if KEYS[3] then
+  local both = redis.call('MGET', KEYS[1], KEYS[3])
+  head, holder = both[1], both[2]
+else
+  head = redis.call('GET', KEYS[1])
 end
-if KEYS[5] and redis.call('GET', KEYS[5]) ~= ARGV[7] then
+local seq = 1
+if head then
+  local sep = string.find(head, ' ', 1, true)
+  local last = tonumber(sep and string.sub(head, 1, sep - 1) or head)
+  if sep and string.sub(head, sep + 1) == ARGV[6] then return last end
+  seq = last + 1
+end
+if KEYS[3] and holder ~= ARGV[7] then
   return redis.error_reply('FENCED another worker holds the turn now')
 end
-local seq = redis.call('INCR', KEYS[1])
-local log_ttl = tonumber(ARGV[4])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 local message = ARGV[2] .. ',"seq":' .. seq .. '}'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'data', message)
-redis.call('SET', KEYS[3], ARGV[6] .. ' ' .. seq, 'EX', tonumber(ARGV[3]))
-redis.call('PUBLISH', ARGV[1], message)
-local kind = ARGV[8]
-if kind == 't' then
-  redis.call('HSET', KEYS[4], 't', seq)
-elseif kind == 'r' then
-  redis.call('HSET', KEYS[4], 't', seq, 'r', seq)
-elseif string.sub(kind, 1, 1) == 's' then
-  redis.call('HSET', KEYS[4], kind, seq)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], seq .. '-0', 'data', message, 'k', ARGV[8])
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[1], seq .. ' ' .. ARGV[6], 'KEEPTTL')
 else
-  redis.call('HSET', KEYS[4], 'o:' .. seq, seq)
+  redis.call('SET', KEYS[1], seq .. ' ' .. ARGV[6], 'EX', tonumber(ARGV[3]))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 end
-if ARGV[9] == '' then
-  redis.call('EXPIRE', KEYS[4], log_ttl)
-  redis.call('EXPIRE', KEYS[2], log_ttl)
-  return seq
-end
-local index = redis.call('HGETALL', KEYS[4])
-if #index <= 2 then
-  -- Nothing but this end is indexed (its log was compacted already): leave the log as it is.
-  redis.call('DEL', KEYS[4])
-  redis.call('EXPIRE', KEYS[2], log_ttl)
-  return seq
-end
-local text, reset, keep, steps = 0, 0, {}, {}
-for i = 1, #index, 2 do
-  local field, at = index[i], tonumber(index[i + 1])
-  if field == 't' then text = at
-  elseif field == 'r' then reset = at
-  elseif string.sub(field, 1, 1) == 's' then table.insert(steps, at)
+redis.call('PUBLISH', ARGV[1], message)
+if ARGV[9] == '' then return seq end
+local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+local text, reset, data, kinds, keep, steps = 0, 0, {}, {}, {}, {}
+for _, entry in ipairs(entries) do
+  local at = tonumber(string.match(entry[1], '^(%d+)'))
+  local fields = entry[2]
+  local kind = 'o'
+  for i = 1, #fields, 2 do
+    if fields[i] == 'data' then data[at] = fields[i + 1]
+    elseif fields[i] == 'k' then kind = fields[i + 1] end
+  end
+  kinds[at] = kind
+  if kind == 't' then text = at
+  elseif kind == 'r' then text, reset = at, at
+  elseif string.sub(kind, 1, 1) == 's' then steps[kind] = at
   else table.insert(keep, at) end
 end
-for _, at in ipairs(steps) do
+for _, at in pairs(steps) do
   if at > reset then table.insert(keep, at) end
 end
 if reset > 0 and reset ~= text then table.insert(keep, reset) end
 if text > 0 then table.insert(keep, text) end
 table.sort(keep)
+if #keep == #entries then
+  -- Nothing to drop (say, a compacted log's end delivered again): the log stays as it is.
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+  return seq
+end
 local rebuilt = KEYS[2] .. ':compacted'
 redis.call('DEL', rebuilt)
 for _, at in ipairs(keep) do
-  local data
-  if at == text then
-    data = ARGV[9] .. ',"seq":' .. at .. '}'
-  else
-    local entry = redis.call('XRANGE', KEYS[2], at .. '-0', at .. '-0')[1]
-    if entry then data = entry[2][2] end
-  end
-  if data then redis.call('XADD', rebuilt, at .. '-0', 'data', data) end
+  local body, kind = data[at], kinds[at]
+  if at == text then body, kind = ARGV[9] .. ',"seq":' .. at .. '}', 't' end
+  redis.call('XADD', rebuilt, at .. '-0', 'data', body, 'k', kind)
 end
 redis.call('RENAME', rebuilt, KEYS[2])
-redis.call('EXPIRE', KEYS[2], log_ttl)
-redis.call('DEL', KEYS[4])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return seq
 """
 
@@ -154,18 +157,18 @@ REDELIVERY_ALLOWANCE = 100
 
 
 def seq_key(message_id: str) -> str:
-    """The turn's seq counter."""
+    """The turn's head: its last seq and the id of the publish that took it (``seq_of``)."""
     return f"agent-turn:seq:{message_id}"
 
 
-def last_publish_key(message_id: str) -> str:
-    """The id and seq of the turn's last publish, so that a resent publish is not repeated."""
-    return f"agent-turn:published:{message_id}"
-
-
-def log_index_key(message_id: str) -> str:
-    """Which entries of the turn's replay log its compaction keeps (see the publish script)."""
-    return f"agent-turn:log-index:{message_id}"
+def seq_of(head: bytes | str | None) -> int:
+    """The last seq a turn gave out, from its head (``<seq> <publish id>``, or a bare number as
+    heads were written before the publish id joined them); 0 when nothing was published."""
+    if not head:
+        return 0
+    if isinstance(head, str):
+        head = head.encode()
+    return int(head.split(b" ", 1)[0])
 
 
 def replay_log_key(message_id: str) -> str:
@@ -553,7 +556,7 @@ class EventBus:
 
     def last_seq(self, message_id: str) -> int:
         try:
-            return int(self.redis.get(self.seq_key(message_id)) or 0)
+            return seq_of(self.redis.get(self.seq_key(message_id)))
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"reading the turn's event counter failed: {exc}",
                                       message_id=message_id) from exc
@@ -590,7 +593,9 @@ class EventBus:
         return ClientText(published=published, chars=chars, resumable=resumable)
 
     def publish(self, ids: TurnIds, event: str, fields: dict[str, Any],
-                fence: Lease | None = None) -> int:
+                fence: Lease | None = None, *, refresh_ttl: bool = True) -> int:
+        """Number, log and publish one event; its seq. ``refresh_ttl=False`` leaves the
+        turn's keys' TTLs as they are (``TurnPublisher`` refreshes them often enough)."""
         # ``id`` as Dify's server sends it: the message id on message-level events (Dify's
         # web client reads the message id from it), the step's id on agent_thought.
         message = {
@@ -608,9 +613,9 @@ class EventBus:
         # The counter must outlive the log: entry ids are seqs and must keep growing.
         log_ttl = min(log_ttl, self._state_ttl)
         stream = ids.stream_id
-        keys = [seq_key(stream), replay_log_key(stream), last_publish_key(stream),
-                log_index_key(stream)]
-        args = [self._channel_for(stream), body[:-1], self._state_ttl, log_ttl,
+        keys = [seq_key(stream), replay_log_key(stream)]
+        args = [self._channel_for(stream), body[:-1], self._state_ttl,
+                log_ttl if refresh_ttl else "",
                 policy.max_events, f"{self._publisher_id}:{next(self._publish_numbers)}",
                 fence.token if fence is not None else "", _index_kind(event, fields),
                 self._summary(message) if event == "message_end" and policy.compact else ""]
@@ -688,6 +693,8 @@ class TurnPublisher:
         self.chunks_published = 0
         self.chars_published = 0
         self.steps_published = 0
+        # Until when the turn's keys' TTLs need no refresh (the publish script's comment).
+        self._ttl_fresh_until = 0.0
 
     def delta(self, text: str) -> None:
         """Queue answer text; published at once, or coalesced with its neighbours."""
@@ -788,15 +795,24 @@ class TurnPublisher:
             item = self._pending[0]
             if isinstance(item, list):
                 text = "".join(item)
-                self._bus.publish(self.ids, "agent_message", {"answer": text}, self.fence)
+                self._publish_hot("agent_message", {"answer": text})
                 self._buffered_chars -= len(text)
                 self.chunks_published += 1
                 self.chars_published += len(text)
             else:
-                self._bus.publish(self.ids, "agent_thought", item, self.fence)
+                self._publish_hot("agent_thought", item)
                 self.steps_published += 1
             self._pending.pop(0)
         self._buffered_chars = 0
+
+    def _publish_hot(self, event: str, fields: dict[str, Any]) -> None:
+        """Publish answer text or a step, refreshing the turn's TTLs only when they are due: a
+        turn's hundreds of deltas need not each rewrite them."""
+        now = time.monotonic()
+        refresh = now >= self._ttl_fresh_until
+        self._bus.publish(self.ids, event, fields, self.fence, refresh_ttl=refresh)
+        if refresh:
+            self._ttl_fresh_until = now + self._bus.replay_log.ttl_seconds / 4
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -189,6 +189,9 @@ class MessageState:
     input_expires_at: datetime | None = None
     takeovers: int = 0
     taken_over_from: str | None = None
+    # The snapshot a new run starts from, read in the same transaction when the attempt will
+    # need one (``begin_attempt``): None when it may re-attach to a recorded run instead.
+    snapshot: LoadedSnapshot | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +275,11 @@ class SessionStore:
             raise TurnStoreUnavailable(f"session store error: {exc}"[:300],
                                        message_id=message_id) from exc
 
-    def claim(self, new: NewMessage) -> None:
-        """Make sure the turn's owner owns its conversation and its message, or refuse it.
+    def claim(self, new: NewMessage) -> str | None:
+        """Make sure the turn's owner owns its conversation and its message, or refuse it;
+        returns the id of another message of the conversation that waits for its user's answer,
+        if one does (read in the same transaction, which a turn's start would otherwise pay for
+        again).
 
         The first turn of a conversation makes the conversation its owner's, and the first task
         of a message id makes the message its (a ``queued`` row). A turn whose conversation or
@@ -285,13 +291,13 @@ class SessionStore:
         """
         for last_pass in (False, True):
             try:
-                self._claim_once(new)
-                return
+                return self._claim_once(new)
             except SnapshotConflict:  # a concurrent first claim inserted the same key
                 if last_pass:
                     raise
+        raise AssertionError("unreachable")
 
-    def _claim_once(self, new: NewMessage) -> None:
+    def _claim_once(self, new: NewMessage) -> str | None:
         owner = (new.tenant_id, new.app_id, new.user_id)
         with self._transaction(new.message_id) as session:
             conversation = session.get(Conversation, new.conversation_id, with_for_update=True)
@@ -312,16 +318,27 @@ class SessionStore:
                     app_id=new.app_id, user_id=new.user_id, created_at=_now()))
             if message is None:
                 session.add(_new_row(new, MessageStatus.QUEUED))
+            if conversation is None:
+                return None
+            return session.scalar(
+                select(AssistantMessage.message_id)
+                .where(AssistantMessage.conversation_id == new.conversation_id,
+                       AssistantMessage.status == MessageStatus.AWAITING_INPUT,
+                       AssistantMessage.message_id != new.message_id)
+                .limit(1))
 
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self._translate_errors(), Session(self.engine, expire_on_commit=False) as session:
             return session.get(Conversation, conversation_id)
 
-    def begin_attempt(self, new: NewMessage) -> MessageState:
+    def begin_attempt(self, new: NewMessage,
+                      layer_names: tuple[str, ...] | None = None) -> MessageState:
         """Count one more attempt at a turn, creating its message row on the first.
 
         A finished turn (succeeded, failed for good or stopped), or one waiting for the
         user's answer, is returned as it is: a redelivered message must not start it again.
+        Given the composition's ``layer_names``, an attempt that has no run to re-attach to
+        also gets the snapshot its run starts from (``MessageState.snapshot``).
         """
         with self._transaction(new.message_id) as session:
             row = session.get(AssistantMessage, new.message_id, with_for_update=True)
@@ -335,7 +352,13 @@ class SessionStore:
                 row.status = MessageStatus.RUNNING
                 row.task_id = new.task_id
                 row.updated_at = _now()
-            return _state_of(row)
+            else:
+                return _state_of(row)
+            snapshot = None
+            if layer_names is not None and (row.run_id is None or row.base_version is None):
+                snapshot = _loaded(session.get(ConversationSnapshot, new.conversation_id),
+                                   layer_names)
+            return _state_of(row, snapshot)
 
     def mark_queued(self, new: NewMessage) -> MessageState:
         """Record a turn waiting for its conversation; its first wait creates the row."""
@@ -370,12 +393,7 @@ class SessionStore:
     def load_snapshot(self, conversation_id: str, layer_names: tuple[str, ...]) -> LoadedSnapshot:
         """The conversation's snapshot, unless it was taken under another composition."""
         with self._transaction() as session:
-            row = session.get(ConversationSnapshot, conversation_id)
-            if row is None:
-                return LoadedSnapshot(None, 0)
-            if tuple(row.layer_names) != layer_names:
-                return LoadedSnapshot(None, row.version)
-            return LoadedSnapshot(row.snapshot, row.version)
+            return _loaded(session.get(ConversationSnapshot, conversation_id), layer_names)
 
     def record_run(self, message_id: str, *, run_id: str, run_count: int,
                    base_version: int) -> None:
@@ -546,16 +564,6 @@ class SessionStore:
                 expired.append(row)
         return expired
 
-    def awaiting_input_in(self, conversation_id: str, *, besides: str) -> str | None:
-        """The message of the conversation that waits for an answer, other than ``besides``."""
-        with self._translate_errors(), Session(self.engine) as session:
-            return session.scalar(
-                select(AssistantMessage.message_id)
-                .where(AssistantMessage.conversation_id == conversation_id,
-                       AssistantMessage.status == MessageStatus.AWAITING_INPUT,
-                       AssistantMessage.message_id != besides)
-                .limit(1))
-
     def save_steps(self, message_id: str, steps: Sequence[AgentStep]) -> None:
         """Keep the steps a failed attempt showed (the next attempt's replace them)."""
         with self._transaction(message_id) as session:
@@ -609,10 +617,19 @@ def _new_row(new: NewMessage, status: MessageStatus) -> AssistantMessage:
     )
 
 
-def _state_of(row: AssistantMessage) -> MessageState:
+def _loaded(row: ConversationSnapshot | None, layer_names: tuple[str, ...]) -> LoadedSnapshot:
+    if row is None:
+        return LoadedSnapshot(None, 0)
+    if tuple(row.layer_names) != layer_names:
+        return LoadedSnapshot(None, row.version)
+    return LoadedSnapshot(row.snapshot, row.version)
+
+
+def _state_of(row: AssistantMessage, snapshot: LoadedSnapshot | None = None) -> MessageState:
     return MessageState(status=row.status, attempts=row.attempts, run_id=row.run_id,
                         run_count=row.run_count, base_version=row.base_version,
                         answer=row.answer, usage=row.usage, created_at=row.created_at,
                         error_code=row.error_code, error=row.error,
                         pending_input=row.pending_input, input_expires_at=row.input_expires_at,
-                        takeovers=row.takeovers or 0, taken_over_from=row.taken_over_from)
+                        takeovers=row.takeovers or 0, taken_over_from=row.taken_over_from,
+                        snapshot=snapshot)

@@ -165,11 +165,10 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
     progress = progress or TurnProgress(ids)
     # Before anything else is read or written: a turn naming another owner's conversation or
     # message raises NotTheOwner here, and the task refuses it on a stream of its own.
-    services.store.claim(new)
-    services.bus.record_owner(turn.message_id, turn.owner)
     # A question waiting for the user's answer holds its conversation: a turn sent meanwhile
     # would start from a snapshot the answer's continuation is about to replace.
-    waiting = services.store.awaiting_input_in(turn.conversation_id, besides=turn.message_id)
+    waiting = services.store.claim(new)
+    services.bus.record_owner(turn.message_id, turn.owner)
     if waiting is not None:
         raise ConversationAwaitingInput(
             f"conversation {turn.conversation_id} waits for the answer to the question of "
@@ -253,7 +252,7 @@ def _new_message(turn: TurnPayload, task_id: str) -> NewMessage:
 def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
              control: TurnControl, services: TurnServices,
              progress: TurnProgress) -> TurnOutcome:
-    state = services.store.begin_attempt(new)
+    state = services.store.begin_attempt(new, services.template.layer_names)
     if state.status in FINISHED_STATUSES:
         return _re_emit_end(turn, state, publisher, services)
     if state.status == MessageStatus.AWAITING_INPUT:
@@ -633,7 +632,8 @@ def _start_or_reattach(
             log.info("turn %s re-attaching to run %s (%s)", turn.message_id, state.run_id, status)
             return state.run_id, state.base_version
 
-    loaded = services.store.load_snapshot(turn.conversation_id, services.template.layer_names)
+    loaded = state.snapshot or services.store.load_snapshot(turn.conversation_id,
+                                                            services.template.layer_names)
     run_number = state.run_count + 1
     body = build_run_request(turn, services.template, services.settings,
                              session_snapshot=loaded.snapshot, run_number=run_number)
