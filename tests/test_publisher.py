@@ -32,9 +32,9 @@ from worker.publisher import (
     ReplayLogPolicy,
     TurnIds,
     _PendingCall,
-    seq_of,
     replay_log_key,
     seq_key,
+    seq_of,
 )
 
 READ_TIMEOUT = 5.0
