@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -108,3 +109,24 @@ def test_an_acquire_whose_reply_was_lost_still_holds_the_lease(
     assert redis_client.get(lease.key) == lease.token.encode()
     assert ConversationLocks(redis_client, ttl_seconds=30).acquire(conversation, "msg-2") is None
 
+
+
+def test_a_workers_renewal_proves_it_alive_each_time_but_renews_a_lease_only_when_due(
+    redis_client: redis.Redis,
+) -> None:
+    from worker.locks import LEASE_TTL_FACTOR
+    from worker.takeover import WORKERS_KEY, alive_key
+
+    worker = f"test-worker-{uuid.uuid4().hex[:6]}"
+    locks = ConversationLocks(redis_client, ttl_seconds=0.2, worker=worker)
+    lease = locks.acquire(new_conversation(), "msg-1")
+    assert lease is not None
+    taken = time.monotonic()
+    assert 0 < redis_client.pttl(lease.key) <= 200 * LEASE_TTL_FACTOR
+
+    redis_client.set(lease.key, "msg-9:someone-else")  # taken over, say
+    assert locks.renew([lease]) == [], "not due: not even read"
+    assert 0 < redis_client.pttl(alive_key(worker)) <= 200
+    wait_until(lambda: time.monotonic() >= taken + 0.2 * LEASE_TTL_FACTOR / 4, timeout=2)
+    assert locks.renew([lease]) == [lease], "due: found in another's hands"
+    redis_client.srem(WORKERS_KEY, worker)

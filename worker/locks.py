@@ -6,11 +6,18 @@ its holder dies, the holder renews it while the turn runs (``TurnSupervisor``), 
 holder's token can renew or release it. Expiry can still let a paused holder overlap a newcomer;
 the session store's snapshot version check is the fence that keeps such a late writer from
 overwriting the newer snapshot.
+
+In a worker (``serve_as``) a dead holder's leases are not left to expire: the worker's alive key,
+renewed every quarter of its TTL, is the proof of life, and a survivor frees a dead worker's
+leases as soon as that key lapses (worker/takeover.py). Its leases therefore live
+``LEASE_TTL_FACTOR`` times longer and are renewed when a quarter of that has passed: the renewal
+that runs every fraction of a second costs one write per worker, not one script per turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -44,6 +51,10 @@ return 0
 """
 
 
+# A worker's lease TTL over its alive key's (the module docstring).
+LEASE_TTL_FACTOR = 10
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     key: str
@@ -54,7 +65,9 @@ class ConversationLocks:
     def __init__(self, client: redis.Redis, *, ttl_seconds: float,
                  worker: str | None = None) -> None:
         self._redis = client
-        self._ttl_ms = int(ttl_seconds * 1000)
+        self._alive_ttl_ms = self._ttl_ms = int(ttl_seconds * 1000)
+        # When each lease taken here is next due for renewal (monotonic seconds).
+        self._due: dict[Lease, float] = {}
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -68,6 +81,7 @@ class ConversationLocks:
         self._worker = worker
         self._lease_list = [leases_key(worker)]
         self._alive_key = alive_key(worker)
+        self._ttl_ms = self._alive_ttl_ms * LEASE_TTL_FACTOR
 
     @staticmethod
     def key_for(conversation_id: str) -> str:
@@ -80,10 +94,16 @@ class ConversationLocks:
 
     def _take(self, lease: Lease) -> bool:
         try:
-            return bool(self._acquire(keys=[lease.key, *self._lease_list],
-                                      args=[lease.token, self._ttl_ms]))
+            taken = bool(self._acquire(keys=[lease.key, *self._lease_list],
+                                       args=[lease.token, self._ttl_ms]))
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"taking the conversation lock failed: {exc}") from exc
+        if taken:
+            self._due[lease] = self._next_due()
+        return taken
+
+    def _next_due(self) -> float:
+        return time.monotonic() + self._ttl_ms / 4000
 
     def holding_message(self, conversation_id: str) -> str | None:
         """The message id whose turn holds the conversation's lease now, if any."""
@@ -101,18 +121,27 @@ class ConversationLocks:
             raise EventBusUnavailable(f"reading the conversation lock failed: {exc}") from exc
 
     def renew(self, leases: list[Lease]) -> list[Lease]:
-        """Extend the leases, and the worker's alive key, in one round trip; return those
-        that had lapsed or are another's now."""
+        """Extend the worker's alive key and those of the leases a quarter of whose TTL has
+        passed, in one round trip; return those that had lapsed or are another's now."""
+        now = time.monotonic()
+        if self._worker is not None:
+            leases = [lease for lease in leases if self._due.get(lease, 0.0) <= now]
         if not leases and self._worker is None:
             return []
         pipeline = self._redis.pipeline(transaction=False)
         if self._worker is not None:
-            pipeline.set(self._alive_key, "1", px=self._ttl_ms)
+            pipeline.set(self._alive_key, "1", px=self._alive_ttl_ms)
             pipeline.sadd(WORKERS_KEY, self._worker)
         for lease in leases:
             self._renew(keys=[lease.key], args=[lease.token, self._ttl_ms], client=pipeline)
         results = pipeline.execute()[2 if self._worker is not None else 0:]
-        return [lease for lease, renewed in zip(leases, results, strict=True) if not renewed]
+        lost = []
+        for lease, renewed in zip(leases, results, strict=True):
+            if renewed:
+                self._due[lease] = self._next_due()
+            else:
+                lost.append(lease)
+        return lost
 
     def retake(self, lease: Lease) -> bool:
         """Take a lapsed lease again with its own token, unless another holds it now."""
@@ -120,5 +149,6 @@ class ConversationLocks:
 
     def release(self, lease: Lease) -> None:
         # The lease expires by itself; a failed release only delays the next turn.
+        self._due.pop(lease, None)
         with contextlib.suppress(redis.RedisError):
             self._release(keys=[lease.key, *self._lease_list], args=[lease.token])
