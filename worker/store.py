@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -36,7 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, Row, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -165,6 +166,28 @@ class AgentThought(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+# The statements every turn runs, built once. A turn's start and end go through Core on a plain
+# connection rather than an ORM session: the identity map, the unit of work and the per-call
+# statement building cost more CPU than the SQL (docs/performance.md).
+_conversations = Conversation.__table__
+_snapshots = ConversationSnapshot.__table__
+_messages = AssistantMessage.__table__
+_thoughts = AgentThought.__table__
+_CONVERSATION_FOR_UPDATE = select(_conversations).where(
+    _conversations.c.conversation_id == bindparam("id")).with_for_update()
+_MESSAGE_FOR_UPDATE = select(_messages).where(
+    _messages.c.message_id == bindparam("id")).with_for_update()
+_SNAPSHOT = select(_snapshots).where(_snapshots.c.conversation_id == bindparam("id"))
+_OTHER_QUESTION = select(_messages.c.message_id).where(
+    _messages.c.conversation_id == bindparam("conversation_id"),
+    _messages.c.status == MessageStatus.AWAITING_INPUT.value,
+    _messages.c.message_id != bindparam("message_id")).limit(1)
+_INSERT_CONVERSATION = insert(_conversations)
+_INSERT_MESSAGE = insert(_messages)
+_INSERT_THOUGHTS = insert(_thoughts)
+_DELETE_THOUGHTS = delete(_thoughts).where(_thoughts.c.message_id == bindparam("id"))
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedSnapshot:
     """What a turn starts from: the snapshot to send (or None) and the version it must replace."""
@@ -251,6 +274,12 @@ class SessionStore:
             upgrade(self.engine)
 
     @contextmanager
+    def _connection(self, message_id: str | None = None) -> Iterator[Connection]:
+        """One transaction on a plain connection, for the statements every turn runs."""
+        with self._translate_errors(message_id), self.engine.begin() as connection:
+            yield connection
+
+    @contextmanager
     def _transaction(self, message_id: str | None = None) -> Iterator[Session]:
         with self._translate_errors(message_id), Session(self.engine) as session, session.begin():
             yield session
@@ -299,9 +328,10 @@ class SessionStore:
 
     def _claim_once(self, new: NewMessage) -> str | None:
         owner = (new.tenant_id, new.app_id, new.user_id)
-        with self._transaction(new.message_id) as session:
-            conversation = session.get(Conversation, new.conversation_id, with_for_update=True)
-            message = session.get(AssistantMessage, new.message_id, with_for_update=True)
+        with self._connection(new.message_id) as connection:
+            conversation = connection.execute(_CONVERSATION_FOR_UPDATE,
+                                              {"id": new.conversation_id}).first()
+            message = connection.execute(_MESSAGE_FOR_UPDATE, {"id": new.message_id}).first()
             if conversation is not None and (conversation.tenant_id, conversation.app_id,
                                              conversation.user_id) != owner:
                 raise _not_found(new)
@@ -310,22 +340,18 @@ class SessionStore:
                     != (new.conversation_id, *owner):
                 raise _not_found(new)
             if conversation is None:
-                snapshot = session.get(ConversationSnapshot, new.conversation_id)
+                snapshot = connection.execute(_SNAPSHOT, {"id": new.conversation_id}).first()
                 if snapshot is not None and (snapshot.tenant_id, snapshot.app_id) != owner[:2]:
                     raise _not_found(new)
-                session.add(Conversation(
-                    conversation_id=new.conversation_id, tenant_id=new.tenant_id,
-                    app_id=new.app_id, user_id=new.user_id, created_at=_now()))
+                connection.execute(_INSERT_CONVERSATION, {
+                    "conversation_id": new.conversation_id, "tenant_id": new.tenant_id,
+                    "app_id": new.app_id, "user_id": new.user_id, "created_at": _now()})
             if message is None:
-                session.add(_new_row(new, MessageStatus.QUEUED))
+                connection.execute(_INSERT_MESSAGE, _new_values(new, MessageStatus.QUEUED))
             if conversation is None:
                 return None
-            return session.scalar(
-                select(AssistantMessage.message_id)
-                .where(AssistantMessage.conversation_id == new.conversation_id,
-                       AssistantMessage.status == MessageStatus.AWAITING_INPUT,
-                       AssistantMessage.message_id != new.message_id)
-                .limit(1))
+            return connection.scalar(_OTHER_QUESTION, {"conversation_id": new.conversation_id,
+                                                      "message_id": new.message_id})
 
     def get_conversation(self, conversation_id: str) -> Conversation | None:
         with self._translate_errors(), Session(self.engine, expire_on_commit=False) as session:
@@ -340,25 +366,31 @@ class SessionStore:
         Given the composition's ``layer_names``, an attempt that has no run to re-attach to
         also gets the snapshot its run starts from (``MessageState.snapshot``).
         """
-        with self._transaction(new.message_id) as session:
-            row = session.get(AssistantMessage, new.message_id, with_for_update=True)
+        with self._connection(new.message_id) as connection:
+            row = connection.execute(_MESSAGE_FOR_UPDATE, {"id": new.message_id}).first()
             if row is None:
-                row = _new_row(new, MessageStatus.RUNNING)
-                row.attempts = 1
-                session.add(row)
+                values = _new_values(new, MessageStatus.RUNNING, attempts=1)
+                connection.execute(_INSERT_MESSAGE, values)
+                state = MessageState(status=MessageStatus.RUNNING, attempts=1, run_id=None,
+                                     run_count=0, base_version=None, answer=None, usage=None,
+                                     created_at=values["created_at"], error_code=None,
+                                     error=None)
             elif row.status not in FINISHED_STATUSES \
                     and row.status != MessageStatus.AWAITING_INPUT:
-                row.attempts += 1
-                row.status = MessageStatus.RUNNING
-                row.task_id = new.task_id
-                row.updated_at = _now()
+                connection.execute(
+                    update(_messages).where(_messages.c.message_id == new.message_id)
+                    .values(attempts=_messages.c.attempts + 1, status=MessageStatus.RUNNING.value,
+                            task_id=new.task_id, updated_at=_now()))
+                state = replace(_state_of(row), attempts=row.attempts + 1,
+                                status=MessageStatus.RUNNING)
             else:
                 return _state_of(row)
-            snapshot = None
-            if layer_names is not None and (row.run_id is None or row.base_version is None):
-                snapshot = _loaded(session.get(ConversationSnapshot, new.conversation_id),
-                                   layer_names)
-            return _state_of(row, snapshot)
+            if layer_names is None or (state.run_id is not None
+                                       and state.base_version is not None):
+                return state
+            loaded = _loaded(connection.execute(_SNAPSHOT, {"id": new.conversation_id}).first(),
+                             layer_names)
+            return replace(state, snapshot=loaded)
 
     def mark_queued(self, new: NewMessage) -> MessageState:
         """Record a turn waiting for its conversation; its first wait creates the row."""
@@ -397,8 +429,8 @@ class SessionStore:
 
     def record_run(self, message_id: str, *, run_id: str, run_count: int,
                    base_version: int) -> None:
-        with self._transaction(message_id) as session:
-            session.execute(
+        with self._connection(message_id) as connection:
+            connection.execute(
                 update(AssistantMessage)
                 .where(AssistantMessage.message_id == message_id)
                 .values(run_id=run_id, run_count=run_count, base_version=base_version,
@@ -433,13 +465,13 @@ class SessionStore:
         steps: Sequence[AgentStep] = (),
     ) -> None:
         """Save the new snapshot, the answer and its steps in one transaction, or none."""
-        with self._transaction(message_id) as session:
-            _replace_steps(session, message_id, steps)
+        with self._connection(message_id) as connection:
+            _replace_steps(connection, message_id, steps)
             if snapshot is not None:
-                self._replace_snapshot(session, conversation_id, tenant_id, app_id,
+                self._replace_snapshot(connection, conversation_id, tenant_id, app_id,
                                        expected_version, snapshot, layer_names, message_id)
             now = _now()
-            result = session.execute(
+            result = connection.execute(
                 update(AssistantMessage)
                 .where(AssistantMessage.message_id == message_id)
                 .values(status=MessageStatus.SUCCEEDED, answer=answer, usage=usage,
@@ -452,17 +484,17 @@ class SessionStore:
                                         message_id=message_id, run_id=run_id)
 
     @staticmethod
-    def _replace_snapshot(session: Session, conversation_id: str, tenant_id: str, app_id: str,
-                          expected_version: int, snapshot: dict[str, Any],
+    def _replace_snapshot(connection: Connection, conversation_id: str, tenant_id: str,
+                          app_id: str, expected_version: int, snapshot: dict[str, Any],
                           layer_names: tuple[str, ...], message_id: str) -> None:
         values = dict(snapshot=snapshot, layer_names=list(layer_names),
                       version=expected_version + 1, last_message_id=message_id,
                       updated_at=_now())
         if expected_version == 0:
-            session.execute(insert(ConversationSnapshot).values(
+            connection.execute(insert(ConversationSnapshot).values(
                 conversation_id=conversation_id, tenant_id=tenant_id, app_id=app_id, **values))
             return
-        result = session.execute(
+        result = connection.execute(
             update(ConversationSnapshot)
             .where(ConversationSnapshot.conversation_id == conversation_id,
                    ConversationSnapshot.version == expected_version)
@@ -595,13 +627,16 @@ class SessionStore:
             ))
 
 
-def _replace_steps(session: Session, message_id: str, steps: Sequence[AgentStep]) -> None:
-    session.execute(delete(AgentThought).where(AgentThought.message_id == message_id))
+def _replace_steps(executor: Session | Connection, message_id: str,
+                   steps: Sequence[AgentStep]) -> None:
+    executor.execute(_DELETE_THOUGHTS, {"id": message_id})
+    if not steps:
+        return
     now = _now()
-    session.add_all(AgentThought(
-        message_id=message_id, position=step.position, step_id=step.id, thought=step.thought,
-        tool=step.tool, tool_input=step.tool_input, observation=step.observation,
-        created_at=now) for step in steps)
+    executor.execute(_INSERT_THOUGHTS, [
+        {"message_id": message_id, "position": step.position, "step_id": step.id,
+         "thought": step.thought, "tool": step.tool, "tool_input": step.tool_input,
+         "observation": step.observation, "created_at": now} for step in steps])
 
 
 def _not_found(new: NewMessage) -> NotTheOwner:
@@ -609,15 +644,21 @@ def _not_found(new: NewMessage) -> NotTheOwner:
                        message_id=new.message_id)
 
 
+def _new_values(new: NewMessage, status: MessageStatus, *, attempts: int = 0) -> dict[str, Any]:
+    now = _now()
+    return {"message_id": new.message_id, "conversation_id": new.conversation_id,
+            "tenant_id": new.tenant_id, "app_id": new.app_id, "user_id": new.user_id,
+            "task_id": new.task_id, "query": new.query, "status": status.value,
+            "attempts": attempts, "run_count": 0, "takeovers": 0, "created_at": now,
+            "updated_at": now}
+
+
 def _new_row(new: NewMessage, status: MessageStatus) -> AssistantMessage:
-    return AssistantMessage(
-        message_id=new.message_id, conversation_id=new.conversation_id, tenant_id=new.tenant_id,
-        app_id=new.app_id, user_id=new.user_id, task_id=new.task_id, query=new.query,
-        status=status, attempts=0, run_count=0, created_at=_now(), updated_at=_now(),
-    )
+    return AssistantMessage(**_new_values(new, status))
 
 
-def _loaded(row: ConversationSnapshot | None, layer_names: tuple[str, ...]) -> LoadedSnapshot:
+def _loaded(row: ConversationSnapshot | Row[Any] | None,
+            layer_names: tuple[str, ...]) -> LoadedSnapshot:
     if row is None:
         return LoadedSnapshot(None, 0)
     if tuple(row.layer_names) != layer_names:
@@ -625,11 +666,10 @@ def _loaded(row: ConversationSnapshot | None, layer_names: tuple[str, ...]) -> L
     return LoadedSnapshot(row.snapshot, row.version)
 
 
-def _state_of(row: AssistantMessage, snapshot: LoadedSnapshot | None = None) -> MessageState:
+def _state_of(row: AssistantMessage | Row[Any]) -> MessageState:
     return MessageState(status=row.status, attempts=row.attempts, run_id=row.run_id,
                         run_count=row.run_count, base_version=row.base_version,
                         answer=row.answer, usage=row.usage, created_at=row.created_at,
                         error_code=row.error_code, error=row.error,
                         pending_input=row.pending_input, input_expires_at=row.input_expires_at,
-                        takeovers=row.takeovers or 0, taken_over_from=row.taken_over_from,
-                        snapshot=snapshot)
+                        takeovers=row.takeovers or 0, taken_over_from=row.taken_over_from)
