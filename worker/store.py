@@ -186,6 +186,24 @@ _INSERT_CONVERSATION = insert(_conversations)
 _INSERT_MESSAGE = insert(_messages)
 _INSERT_THOUGHTS = insert(_thoughts)
 _DELETE_THOUGHTS = delete(_thoughts).where(_thoughts.c.message_id == bindparam("id"))
+_INSERT_SNAPSHOT = insert(_snapshots)
+# (Bound names differ from the columns': a bind named as its column is taken for the value.)
+_BEGIN_ATTEMPT = update(_messages).where(_messages.c.message_id == bindparam("b_id")).values(
+    attempts=_messages.c.attempts + 1, status=MessageStatus.RUNNING.value,
+    task_id=bindparam("b_task_id"), updated_at=bindparam("b_now"))
+_RECORD_RUN = update(_messages).where(_messages.c.message_id == bindparam("b_id")).values(
+    run_id=bindparam("b_run_id"), run_count=bindparam("b_run_count"),
+    base_version=bindparam("b_base_version"), updated_at=bindparam("b_now"))
+_SUCCEED = update(_messages).where(_messages.c.message_id == bindparam("b_id")).values(
+    status=MessageStatus.SUCCEEDED.value, answer=bindparam("b_answer"),
+    usage=bindparam("b_usage"), run_id=bindparam("b_run_id"), error=None, error_code=None,
+    updated_at=bindparam("b_now"), finished_at=bindparam("b_now"))
+_REPLACE_SNAPSHOT = update(_snapshots).where(
+    _snapshots.c.conversation_id == bindparam("b_id"),
+    _snapshots.c.version == bindparam("b_expected")).values(
+    snapshot=bindparam("b_snapshot"), layer_names=bindparam("b_layer_names"),
+    version=bindparam("b_version"), last_message_id=bindparam("b_message_id"),
+    updated_at=bindparam("b_now"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,10 +395,8 @@ class SessionStore:
                                      error=None)
             elif row.status not in FINISHED_STATUSES \
                     and row.status != MessageStatus.AWAITING_INPUT:
-                connection.execute(
-                    update(_messages).where(_messages.c.message_id == new.message_id)
-                    .values(attempts=_messages.c.attempts + 1, status=MessageStatus.RUNNING.value,
-                            task_id=new.task_id, updated_at=_now()))
+                connection.execute(_BEGIN_ATTEMPT, {"b_id": new.message_id,
+                                                    "b_task_id": new.task_id, "b_now": _now()})
                 state = replace(_state_of(row), attempts=row.attempts + 1,
                                 status=MessageStatus.RUNNING)
             else:
@@ -430,12 +446,9 @@ class SessionStore:
     def record_run(self, message_id: str, *, run_id: str, run_count: int,
                    base_version: int) -> None:
         with self._connection(message_id) as connection:
-            connection.execute(
-                update(AssistantMessage)
-                .where(AssistantMessage.message_id == message_id)
-                .values(run_id=run_id, run_count=run_count, base_version=base_version,
-                        updated_at=_now())
-            )
+            connection.execute(_RECORD_RUN, {
+                "b_id": message_id, "b_run_id": run_id, "b_run_count": run_count,
+                "b_base_version": base_version, "b_now": _now()})
 
     def record_takeover(self, message_id: str, dead_worker: str) -> bool:
         """Note on a running turn's row that a live worker took it over from ``dead_worker``;
@@ -470,14 +483,9 @@ class SessionStore:
             if snapshot is not None:
                 self._replace_snapshot(connection, conversation_id, tenant_id, app_id,
                                        expected_version, snapshot, layer_names, message_id)
-            now = _now()
-            result = connection.execute(
-                update(AssistantMessage)
-                .where(AssistantMessage.message_id == message_id)
-                .values(status=MessageStatus.SUCCEEDED, answer=answer, usage=usage,
-                        run_id=run_id, error=None, error_code=None, updated_at=now,
-                        finished_at=now)
-            )
+            result = connection.execute(_SUCCEED, {
+                "b_id": message_id, "b_answer": answer, "b_usage": usage, "b_run_id": run_id,
+                "b_now": _now()})
             if result.rowcount != 1:
                 # Raising inside the transaction rolls the snapshot back with it.
                 raise AgentBackendError("the turn's message row is missing; nothing saved",
@@ -487,19 +495,17 @@ class SessionStore:
     def _replace_snapshot(connection: Connection, conversation_id: str, tenant_id: str,
                           app_id: str, expected_version: int, snapshot: dict[str, Any],
                           layer_names: tuple[str, ...], message_id: str) -> None:
-        values = dict(snapshot=snapshot, layer_names=list(layer_names),
-                      version=expected_version + 1, last_message_id=message_id,
-                      updated_at=_now())
+        now = _now()
         if expected_version == 0:
-            connection.execute(insert(ConversationSnapshot).values(
-                conversation_id=conversation_id, tenant_id=tenant_id, app_id=app_id, **values))
+            connection.execute(_INSERT_SNAPSHOT, {
+                "conversation_id": conversation_id, "tenant_id": tenant_id, "app_id": app_id,
+                "snapshot": snapshot, "layer_names": list(layer_names), "version": 1,
+                "last_message_id": message_id, "updated_at": now})
             return
-        result = connection.execute(
-            update(ConversationSnapshot)
-            .where(ConversationSnapshot.conversation_id == conversation_id,
-                   ConversationSnapshot.version == expected_version)
-            .values(**values)
-        )
+        result = connection.execute(_REPLACE_SNAPSHOT, {
+            "b_id": conversation_id, "b_expected": expected_version, "b_snapshot": snapshot,
+            "b_layer_names": list(layer_names), "b_version": expected_version + 1,
+            "b_message_id": message_id, "b_now": now})
         if result.rowcount != 1:
             raise SnapshotConflict(
                 f"conversation {conversation_id} moved past snapshot version {expected_version}",
