@@ -11,6 +11,10 @@ a direct read of the backend (the floor), with one results table at the end.
    --concurrency 2``, Celery's default on this 2-core machine, fed a few turns: it runs two at
    a time, so its rate is two answers per answer time whatever N is.
 
+``--worker-processes 1,2`` runs each I/O pool once with one process and once with two on the same
+queue (production runs one per core). ``python -m bench.open_loop`` is the open-loop scenario:
+turns arriving one by one at a rate, read on the gateway as a browser reads them.
+
 Scenarios (``--scenario``, default all): ``latency`` (200 turns, every token its own event),
 ``capacity`` (1,000 turns streaming together) and ``throughput`` (1,000 turns of 10-second
 answers, beside prefork).
@@ -279,9 +283,11 @@ def run_relay(bench: Bench, scenario: Scenario, stub: Child, stub_url: str) -> P
 
 
 def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, pool: str,
-               concurrency: int, turns: int) -> Phase:
-    """N turns at once through a worker process with the given pool."""
-    name = f"{scenario.name}-{pool}"
+               concurrency: int, turns: int, processes: int = 1) -> Phase:
+    """N turns at once through ``processes`` worker processes with the given pool, each of
+    ``concurrency`` slots, on one queue (as production runs one per core)."""
+    reader = pool if processes == 1 else f"{pool} x{processes}"
+    name = f"{scenario.name}-{pool}-{processes}"
     tag = f"b{uuid.uuid4().hex[:6]}"
     values = bench.settings_values(
         backend_url=stub_url, queue=f"bench_{tag}",
@@ -293,15 +299,19 @@ def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, 
     env.update(bench.worker_env)
     admin = bench.admin()
     admin.delete(settings.queue)
-    bench.say(f"[{scenario.name}] {pool} worker, concurrency {concurrency}: {turns} turns")
-    worker = start_worker(bench.folder, name=name, pool=pool, concurrency=concurrency,
-                          queue=settings.queue, env=env)
+    bench.say(f"[{scenario.name}] {processes} {pool} worker(s), concurrency {concurrency}: "
+              f"{turns} turns")
+    workers = []
+    for number in range(processes):
+        env["AGENT_TURN_METRICS_PORT"] = str(free_port())
+        workers.append(start_worker(bench.folder, name=f"{name}-{number}", pool=pool,
+                                    concurrency=concurrency, queue=settings.queue, env=env))
     producer = Celery("bench-producer")
     producer.config_from_object(celery_config(settings))
     subscriber = PatternSubscriber(settings.pubsub_url, settings.channel_prefix, tag,
                                    bench.shards).start()
-    worker_probe, stub_probe, me = ProcessProbe(worker.pid), ProcessProbe(stub.pid), \
-        psutil.Process()
+    worker_probe, stub_probe, me = ProcessProbe(*(w.pid for w in workers)), \
+        ProcessProbe(stub.pid), psutil.Process()
     keys = [subscriber.message_id(index) for index in range(turns)]
     starts: dict[str, float] = {}
     try:
@@ -309,7 +319,8 @@ def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, 
         for index, key in enumerate(warm, start=turns):
             submit_turn(turn_fields(index, key), celery_app=producer, settings=settings)
         if not subscriber.wait_for_ends(warm, _timeout(scenario, concurrency, len(warm))):
-            raise RuntimeError(f"the warm-up turns did not end:\n{worker.log_tail()}")
+            raise RuntimeError("the warm-up turns did not end:\n"
+                               + "\n".join(w.log_tail() for w in workers))
         time.sleep(0.5)
         rss_idle = worker_probe.sample().rss_bytes
         before = _costs(stub_probe, admin, me, worker_probe)
@@ -326,16 +337,17 @@ def run_worker(bench: Bench, scenario: Scenario, stub: Child, stub_url: str, *, 
         after = _costs(stub_probe, admin, me, worker_probe)
     finally:
         subscriber.close()
-        worker.stop()
+        for each in workers:
+            each.stop()
         producer.close()
-    phase = _subscribed_phase(scenario, pool, subscriber, {key: starts.get(key) for key in keys},
+    phase = _subscribed_phase(scenario, reader, subscriber, {key: starts.get(key) for key in keys},
                               stub_url, started, before, after, concurrency=concurrency)
     phase.rss_idle, phase.rss_peak = rss_idle, monitor.peaks.rss_bytes
     phase.threads_peak, phase.fds_peak = monitor.peaks.threads, monitor.peaks.open_files
     phase.backlog_peak = monitor.peaks.subscriber_backlog
     phase.in_flight_peak = max_overlap((t.first_chunk_at or t.end_at, t.end_at)
                                        for t in phase.traces if t.end_at is not None)
-    phase.log_warnings = sum(1 for line in worker.log_text().splitlines()
+    phase.log_warnings = sum(1 for each in workers for line in each.log_text().splitlines()
                              if "WARNING" in line or "ERROR" in line or "CRITICAL" in line)
     return phase
 
@@ -579,6 +591,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window-ms", type=float, help="override: coalescing window")
     parser.add_argument("--pools", default="gevent,threads",
                         help="comma-separated I/O pools for the worker (gevent,threads)")
+    parser.add_argument("--worker-processes", default="1",
+                        help="comma-separated numbers of worker processes to run each I/O pool "
+                             "with, side by side, e.g. 1,2 (default 1)")
     parser.add_argument("--concurrency", type=int, default=1000,
                         help="the I/O-pool worker's concurrency (default 1000)")
     parser.add_argument("--prefork-turns", type=int,
@@ -625,6 +640,7 @@ def run(args: argparse.Namespace) -> list[Phase]:
     if len(dbs) != 3:
         raise SystemExit("--redis-dbs takes three numbers: broker,results,pub/sub")
     pools = [pool.strip() for pool in args.pools.split(",") if pool.strip()]
+    worker_processes = [int(n) for n in args.worker_processes.split(",") if n.strip()]
     phases: list[Phase] = []
     with ExitStack() as stack:
         folder = stack.enter_context(_folder(args.keep))
@@ -647,8 +663,9 @@ def run(args: argparse.Namespace) -> list[Phase]:
                 steps += [partial(run_floor, bench, scenario, stub, stub_url),
                           partial(run_relay, bench, scenario, stub, stub_url)]
             steps += [partial(run_worker, bench, scenario, stub, stub_url, pool=pool,
-                              concurrency=args.concurrency, turns=scenario.turns)
-                      for pool in pools]
+                              concurrency=args.concurrency, turns=scenario.turns,
+                              processes=processes)
+                      for pool in pools for processes in worker_processes]
             if scenario.prefork_turns:
                 steps.append(partial(run_worker, bench, scenario, stub, stub_url, pool="prefork",
                                      concurrency=2, turns=scenario.prefork_turns))

@@ -25,17 +25,19 @@ class ProcessSample:
 
 
 class ProcessProbe:
-    """CPU time, RSS, threads and file descriptors of one process and its descendants."""
+    """CPU time, RSS, threads and file descriptors of processes and their descendants, summed."""
 
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
+    def __init__(self, *pids: int) -> None:
+        self.roots = [psutil.Process(pid) for pid in pids]
 
     def sample(self) -> ProcessSample:
         cpu = 0.0
         rss = threads = fds = 0
-        try:
-            processes = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
+        processes = []
+        for root in self.roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                processes += [root, *root.children(recursive=True)]
+        if not processes:
             return ProcessSample(0.0, 0, 0, 0)
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied), \

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import uuid
@@ -42,6 +43,7 @@ from bench.metrics import (
     percentile,
     trace_from_messages,
 )
+from bench.open_loop import arrivals
 from bench.readers import PatternSubscriber, follow_stream, read_direct, stagger_of
 from bench.relay import Relay
 from bench.relay import main as relay_main
@@ -80,6 +82,47 @@ def test_a_tiny_load_runs_every_phase_and_measures_it() -> None:
     added = next(line for line in table.splitlines() if "added over the floor" in line)
     assert added.split(" | ")[1] == "-"  # the floor adds nothing to itself
     assert "**turns/s**" in table
+
+
+def test_worker_processes_side_by_side_share_one_queue_and_are_measured_together() -> None:
+    args = parse_args(["--scenario", "throughput", "--turns", "6", "--answer-tokens", "3",
+                       "--token-delay", "0.01", "--prefork-turns", "0", "--warmup", "1",
+                       "--concurrency", "8", "--pools", "gevent", "--worker-processes", "1,2",
+                       "--no-floor", "--private-redis", "--quiet"])
+
+    one, two = run(args)
+
+    assert (one.reader, two.reader) == ("gevent", "gevent x2")
+    assert one.ok == one.asked == two.ok == two.asked == 6, two.problems()
+    assert two.rss_idle > one.rss_idle * 1.5, "both processes' memory is counted"
+    assert two.worker_cpu is not None and two.worker_cpu > 0
+
+
+def test_the_open_loop_probe_reads_every_arrival_on_the_gateway(tmp_path: Path) -> None:
+    out = tmp_path / "open-loop.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.open_loop", "--rate", "6", "--seconds", "1.5",
+         "--answer-tokens", "3", "--token-delay", "0.02", "--warmup", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    floor, worker = json.loads(out.read_text())
+    assert (floor["reader"], worker["reader"]) == ("floor", "worker")
+    assert floor["arrived"] == worker["arrived"] > 0, "both phases get the same arrivals"
+    assert worker["ok"] == worker["arrived"] and floor["ok"] == floor["arrived"]
+    assert worker["first_chunk_ms"]["p50"] > 0 and worker["cpu_seconds"]["gateway"] > 0
+    assert "added over the floor" in completed.stdout
+
+
+def test_open_loop_arrivals_are_a_seeded_poisson_process() -> None:
+    first, again = arrivals(50, 200, seed=3), arrivals(50, 200, seed=3)
+
+    gaps = [b - a for a, b in itertools.pairwise(first)]
+    assert first == again and first != arrivals(50, 200, seed=4)
+    assert 9_000 < len(first) < 11_000 and all(0 <= t < 200 for t in first)
+    assert abs(statistics.mean(gaps) - 0.02) < 0.002
+    assert abs(statistics.stdev(gaps) - 0.02) < 0.002, "exponential: sd equals the mean"
 
 
 def test_main_exits_non_zero_when_a_turn_fails(monkeypatch: pytest.MonkeyPatch) -> None:
