@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # A client more than this many live events behind, or whose socket takes no bytes for this
     # long, is disconnected; it can resume with Last-Event-ID.
     gateway_client_buffer_events: int = Field(256, gt=0)
+    # Live frames written by the pub/sub reader straight to a client that keeps up
+    # (gateway.sse.DirectWriter); off, every frame goes through the ASGI send.
+    gateway_direct_writes: bool = True
     gateway_send_timeout_seconds: float = Field(30.0, gt=0)
     gateway_replay_page_size: int = Field(256, gt=0)
     gateway_subscribe_timeout_seconds: float = Field(5.0, gt=0)

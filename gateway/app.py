@@ -34,10 +34,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from config.settings import INSECURE_DEV_GATEWAY_SECRET, Settings, get_settings
 from gateway.relay import PubSubHub, ReplayLog, StreamCounters, StreamRefused, TurnStreams
-from gateway.sse import STREAM_HEADERS, EventStreamResponse
+from gateway.sse import STREAM_HEADERS, UVICORN_CYCLE, EventStreamResponse
 from gateway.tokens import StreamClaims, TokenRejected, verify_stream_token
 from worker.client import producer_app, submit_human_input_for
 from worker.errors import AgentBackendError, InvalidTurnPayload
@@ -51,6 +52,28 @@ DEMO_PAGE = Path(__file__).resolve().parent / "demo.html"
 # the payload counts them), the call id and action (up to 192 characters, escaped maybe six
 # bytes each) and the JSON around them. A body past this is refused before it is parsed.
 HUMAN_INPUT_BODY_SLACK_BYTES = 4096
+
+
+class GatewayApp(Starlette):
+    """The gateway's Starlette app, which hands each stream the uvicorn connection it came on.
+
+    Starlette's middleware wraps ``send`` before a route sees it; only here, at the top, is it
+    still uvicorn's own, whose connection a stream writes its live frames to
+    (``gateway.sse.DirectWriter``). Only uvicorn's httptools protocol is recognised; under any
+    other server or protocol every frame goes through ``send``.
+    """
+
+    def __init__(self, *, direct_writes: bool, **options: Any) -> None:
+        super().__init__(**options)
+        self._direct_writes = direct_writes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cycle = getattr(send, "__self__", None)
+        if self._direct_writes and scope["type"] == "http" and cycle is not None \
+                and type(cycle).__module__ == "uvicorn.protocols.http.httptools_impl":
+            scope = {**scope, "extensions": {**scope.get("extensions", {}),
+                                             UVICORN_CYCLE: cycle}}
+        await super().__call__(scope, receive, send)
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -135,7 +158,7 @@ def _freeze_start_up_objects() -> None:
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> GatewayApp:
     install_safe_log_records()  # in every process that serves, uvicorn's workers included
     settings = settings or get_settings()
     secret = settings.gateway_secret.get_secret_value().encode()
@@ -279,11 +302,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
             "cut_streams": counters.cut(),
             "frames_sent": counters.frames,
             "writes": counters.writes,
+            "direct_writes": counters.direct_writes,
             "waiting_log_reads": replay_log.waiting_reads,
             "gc_frozen_objects": gc.get_freeze_count(),
         }, status_code=200 if hub_stats["redis_connected"] else 503)
 
-    return Starlette(routes=[
+    return GatewayApp(direct_writes=settings.gateway_direct_writes, routes=[
         # HEAD first: the GET route would answer HEAD too, by running the stream.
         Route("/v1/turns/{message_id}/events", turn_events_head, methods=["HEAD"]),
         Route("/v1/turns/{message_id}/events", turn_events, methods=["GET"]),

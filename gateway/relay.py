@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
-from gateway.sse import IDLE, CloseReason, _Idle, encode_frame
+from gateway.sse import IDLE, CloseReason, DirectWriter, _Idle, encode_frame
 from worker.ownership import owner_key, refusal_stream
 from worker.publisher import TERMINAL_EVENTS, replay_log_key, seq_key, seq_of
 
@@ -121,12 +121,18 @@ class Subscription:
         self._limit = buffer_events
         self._waiter: asyncio.Future[None] | None = None
         self.overflowed = asyncio.Event()
+        # Set while the stream waits with nothing queued and can write a live event itself
+        # (``TurnStream._express``): the event is then written, not queued.
+        self.express: Callable[[str, TurnEvent], bool] | None = None
 
     @property
     def channels(self) -> frozenset[str]:
         return frozenset(self._states)
 
     def deliver(self, channel: str, event: TurnEvent) -> None:
+        express = self.express
+        if express is not None and not self._items and express(channel, event):
+            return
         self._put((channel, event))
 
     def resync(self) -> None:
@@ -546,6 +552,8 @@ class StreamCounters:
     # Frames sent, and the writes they took: several frames ready at once go out in one write.
     frames: int = 0
     writes: int = 0
+    # Of the writes, those the pub/sub reader made itself (``gateway.sse.DirectWriter``).
+    direct_writes: int = 0
 
     def cut(self) -> dict[str, int]:
         return {cause: self.closed[cause] for cause in CUT_CAUSES if self.closed[cause]}
@@ -678,6 +686,8 @@ class TurnStream:
         self._resubscribe_timeout = resubscribe_timeout
         self._counters = counters
         self._held: tuple[str, TurnEvent] | _Resync | None = None
+        self._writer: DirectWriter | None = None
+        self._live_channel: str | None = None
         self.stop_cause: str | None = None
         counters.open += 1
 
@@ -687,6 +697,22 @@ class TurnStream:
 
     def poke(self) -> None:
         self._subscription.wake(IDLE)
+
+    def attach_writer(self, writer: DirectWriter | None) -> None:
+        self._writer = writer
+
+    def _express(self, channel: str, event: TurnEvent) -> bool:
+        """Write a live event straight to the client, if it is the next one, not the end, and
+        the connection has nothing buffered; whether it did. Called by the pub/sub reader only
+        while the stream waits in ``_wait`` with its backlog, log reads and gaps all done."""
+        writer = self._writer
+        if (writer is None or event.terminal or channel != self._live_channel
+                or event.seq != self.last_seq + 1 or not writer.ready()):
+            return False
+        self._counters.writes += 1
+        self._counters.direct_writes += 1
+        writer.write(self._sending(event))
+        return True
 
     async def next_frame(self) -> bytes | _Idle | None:
         if self._ended:
@@ -829,7 +855,15 @@ class TurnStream:
         if self._held is not None:
             held, self._held = self._held, None
             return held
-        return await self._subscription.get()
+        stream_id = self.route.stream_id
+        if self._writer is None or stream_id is None:
+            return await self._subscription.get()
+        self._live_channel = self._channel_for(stream_id)
+        self._subscription.express = self._express
+        try:
+            return await self._subscription.get()
+        finally:
+            self._subscription.express = None
 
     async def aclose(self, reason: CloseReason) -> None:
         if self._first_event_timer is not None:

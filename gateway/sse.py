@@ -26,7 +26,7 @@ import asyncio
 import enum
 import re
 from collections.abc import Mapping
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -52,6 +52,49 @@ def encode_frame(data: str, *, event_id: int | None = None, event: str | None = 
         lines.append(f"event: {event}")
     lines.extend(f"data: {line}" for line in _SSE_LINE_END.split(data))
     return ("\n".join(lines) + "\n\n").encode()
+
+
+# Where the gateway's app puts the uvicorn connection a request came on (``gateway.app``), so
+# that a stream can write its live frames straight to it (``DirectWriter``).
+UVICORN_CYCLE = "agent_turn.uvicorn_cycle"
+
+
+class DirectWriter:
+    """Writes a stream's live frames straight to its connection, from the pub/sub reader.
+
+    Through the ASGI ``send``, every frame wakes the stream's task and passes uvicorn's send: at
+    thousands of frames a second that was most of the gateway's CPU besides the write itself.
+    While a stream waits with nothing queued and its connection has nothing buffered (the
+    client keeps up), the reader writes the frame as one HTTP chunk, exactly the bytes uvicorn
+    would write for it. Anything else goes the usual way: a frame that finds the connection's
+    buffer non-empty (a slow client, whose backlog, merged writes and cut work as before), the
+    end (uvicorn closes the body), and every frame of a server that is not uvicorn's httptools
+    protocol, for which there is no writer.
+    """
+
+    __slots__ = ("_cycle", "_response", "_transport")
+
+    def __init__(self, cycle: Any, response: EventStreamResponse) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._response = response
+
+    @classmethod
+    def for_scope(cls, scope: Scope, response: EventStreamResponse) -> DirectWriter | None:
+        cycle = scope.get("extensions", {}).get(UVICORN_CYCLE)
+        if cycle is None or getattr(cycle, "chunked_encoding", None) is not True \
+                or not getattr(cycle, "response_started", False):
+            return None
+        return cls(cycle, response)
+
+    def ready(self) -> bool:
+        cycle, transport = self._cycle, self._transport
+        return not (cycle.disconnected or cycle.response_complete or cycle.flow.write_paused
+                    or transport.is_closing()) and transport.get_write_buffer_size() == 0
+
+    def write(self, frame: bytes) -> None:
+        self._transport.write(b"%x\r\n%b\r\n" % (len(frame), frame))
+        self._response._sent_since_tick = True
 
 
 class CloseReason(enum.Enum):
@@ -86,6 +129,9 @@ class FrameSource(Protocol):
     def poke(self) -> None:
         """Make a waiting ``next_frame`` return ``IDLE`` (time for a ping)."""
 
+    def attach_writer(self, writer: DirectWriter | None) -> None:
+        """Let the source write live frames itself to the client (None: it may not)."""
+
     async def aclose(self, reason: CloseReason) -> None:
         """Release what the stream held; called once, however it stopped."""
 
@@ -114,8 +160,10 @@ class EventStreamResponse(Response):
         self._sent_since_tick = False
         self._quiet_since = 0.0
         self._send_stuck = asyncio.Event()
+        self._scope: Scope = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._scope = scope
         pump = asyncio.create_task(self._pump(send))
         watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE,
                     asyncio.create_task(self._send_stuck.wait()): CloseReason.SEND_TIMEOUT}
@@ -154,6 +202,7 @@ class EventStreamResponse(Response):
         self._sending_since = loop.time()
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
+        self._source.attach_writer(DirectWriter.for_scope(self._scope, self))
         while True:
             self._sending_since = None
             frame = await self._source.next_frame()

@@ -726,6 +726,42 @@ def test_frames_ready_at_once_go_out_in_fewer_writes_and_resume_exactly(
         f"<{index}>" for index in range(200))
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct writes", "through send"])
+def test_live_frames_to_a_prompt_client_are_written_by_the_pubsub_reader_and_resume_exactly(
+    direct: bool, event_bus: EventBus, tmp_path: Path,
+) -> None:
+    running = start_gateway(gateway_settings(gateway_direct_writes=direct), tmp_path)
+    try:
+        ids, publisher, url, token = live_turn(running, event_bus)
+        arrived = threading.Semaphore(0)
+        before = running.health()
+        with ThreadPoolExecutor(1) as pool:
+            reading = pool.submit(read_stream, url, token=token,
+                                  on_frame=lambda frame: arrived.release())
+            publisher.delta("<0>")
+            assert arrived.acquire(timeout=WAIT_SECONDS), "the first frame"
+            for index in range(1, 60):  # one at a time: the client waits for each
+                publisher.delta(f"<{index}>")
+                publisher.flush()
+                assert arrived.acquire(timeout=WAIT_SECONDS), f"frame {index}"
+            publisher.end("".join(f"<{index}>" for index in range(60)), {"usage": None})
+            read = reading.result(timeout=WAIT_SECONDS)
+        after = running.health()
+        resumed = read_stream(url, token=token, last_event_id=31)
+    finally:
+        stop_worker(running.process)
+
+    assert_exactly_the_turn(read, logged(event_bus, ids.message_id))
+    assert read.ended_by_server and read.events[-1]["event"] == "message_end"
+    assert [event["seq"] for event in resumed.events] == list(range(32, 62))
+    direct_writes = after["direct_writes"] - before["direct_writes"]
+    if direct:
+        assert direct_writes >= 55, "a waiting client's live frames, all but the end"
+    else:
+        assert direct_writes == 0
+    assert after["frames_sent"] - before["frames_sent"] == 61
+
+
 def test_a_stream_that_ends_with_its_turn_is_counted_apart_from_cut_ones(
     gateway: RunningGateway, event_bus: EventBus,
 ) -> None:
