@@ -219,8 +219,7 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
             return error_response(503, "event_bus_unavailable", "the turn's events are "
                                   "unavailable right now; retry shortly")
         return EventStreamResponse(stream, ping_interval=settings.gateway_ping_interval_seconds,
-                                   send_timeout=settings.gateway_send_timeout_seconds,
-                                   abort=stream.overflowed)
+                                   send_timeout=settings.gateway_send_timeout_seconds)
 
     async def turn_events_head(request: Request) -> Response:
         """What a GET would start with, as far as is known without Redis: the token's and the

@@ -120,7 +120,8 @@ class Subscription:
         self._items: deque[_Item] = deque()
         self._limit = buffer_events
         self._waiter: asyncio.Future[None] | None = None
-        self.overflowed = asyncio.Event()
+        self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None
         # Set while the stream waits with nothing queued and can write a live event itself
         # (``TurnStream._express``): the event is then written, not queued.
         self.express: Callable[[str, TurnEvent], bool] | None = None
@@ -144,11 +145,13 @@ class Subscription:
             self._push(item)
 
     def _put(self, item: _Item) -> None:
-        if self.overflowed.is_set():
+        if self.overflowed:
             return
         if len(self._items) >= self._limit:
-            self.overflowed.set()
+            self.overflowed = True
             self._items.clear()
+            if self.on_overflow is not None:
+                self.on_overflow()
             return
         self._push(item)
 
@@ -691,9 +694,10 @@ class TurnStream:
         self.stop_cause: str | None = None
         counters.open += 1
 
-    @property
-    def overflowed(self) -> asyncio.Event:
-        return self._subscription.overflowed
+    def on_too_slow(self, callback: Callable[[], None]) -> None:
+        self._subscription.on_overflow = callback
+        if self._subscription.overflowed:
+            callback()
 
     def poke(self) -> None:
         self._subscription.wake(IDLE)

@@ -15,9 +15,9 @@ is at most one and a half intervals).
 
 ``EventStreamResponse`` stops streaming, whichever comes first, when its source says the stream
 is over, when the client goes away, when a single write has waited ``send_timeout`` seconds for
-the client to take bytes, or when ``abort`` is set (the relay sets it for a client that fell too
-far behind). Nothing here knows about Redis or turns: the source is anything with
-``next_frame``/``aclose``.
+the client to take bytes, or when the source says the client fell too far behind
+(``on_too_slow``). Nothing here knows about Redis or turns: the source is anything with the
+``FrameSource`` methods.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 from starlette.responses import Response
@@ -132,6 +132,9 @@ class FrameSource(Protocol):
     def attach_writer(self, writer: DirectWriter | None) -> None:
         """Let the source write live frames itself to the client (None: it may not)."""
 
+    def on_too_slow(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the client has fallen too far behind to catch up."""
+
     async def aclose(self, reason: CloseReason) -> None:
         """Release what the stream held; called once, however it stopped."""
 
@@ -147,7 +150,6 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, source: FrameSource, *, ping_interval: float, send_timeout: float,
-                 abort: asyncio.Event | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         self.status_code = 200
         self.background = None
@@ -155,38 +157,46 @@ class EventStreamResponse(Response):
         self._source = source
         self._ping_interval = ping_interval
         self._send_timeout = send_timeout
-        self._abort = abort
         self._sending_since: float | None = None
         self._sent_since_tick = False
         self._quiet_since = 0.0
-        self._send_stuck = asyncio.Event()
+        # Why the stream is being cut (a slow client, a stuck send), once it is: one future
+        # rather than a task per cause, as a stream's tasks are much of its memory.
+        self._cut: asyncio.Future[CloseReason] | None = None
         self._scope: Scope = {}
+
+    def cut(self, reason: CloseReason) -> None:
+        if self._cut is not None and not self._cut.done():
+            self._cut.set_result(reason)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._scope = scope
+        loop = asyncio.get_running_loop()
+        self._cut = cut = loop.create_future()
+        self._source.on_too_slow(lambda: self.cut(CloseReason.TOO_SLOW))
         pump = asyncio.create_task(self._pump(send))
-        watchers = {asyncio.create_task(_client_gone(receive)): CloseReason.CLIENT_GONE,
-                    asyncio.create_task(self._send_stuck.wait()): CloseReason.SEND_TIMEOUT}
+        gone = asyncio.create_task(_client_gone(receive))
         ticker = _Ticker.of_this_loop()
-        self._quiet_since = asyncio.get_running_loop().time()
+        self._quiet_since = loop.time()
         ticker.watch(self, min(self._ping_interval / 2, self._send_timeout / 4))
-        if self._abort is not None:
-            watchers[asyncio.create_task(self._abort.wait())] = CloseReason.TOO_SLOW
-        done: set[asyncio.Task[None]] = set()
         error: BaseException | None = None
         try:
-            done, _ = await asyncio.wait({pump, *watchers},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pump, gone, cut}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ticker.forget(self)
-            for task in (pump, *watchers):
+            for task in (pump, gone):
                 task.cancel()
-            await asyncio.gather(pump, *watchers, return_exceptions=True)
-            if pump in done:
+            await asyncio.gather(pump, gone, return_exceptions=True)
+            if pump.done() and not pump.cancelled():
                 error = pump.exception()
                 reason = CloseReason.ENDED
+            elif cut.done():
+                reason = cut.result()
+            elif gone.done() and not gone.cancelled():
+                reason = CloseReason.CLIENT_GONE
             else:
-                reason = next((watchers[task] for task in done), CloseReason.CANCELLED)
+                reason = CloseReason.CANCELLED
+            cut.cancel()
             await self._source.aclose(reason)
         if error is not None:
             raise error
@@ -224,7 +234,7 @@ class EventStreamResponse(Response):
         end it if one write has waited ``send_timeout`` for the client's socket."""
         started = self._sending_since
         if started is not None and now - started >= self._send_timeout:
-            self._send_stuck.set()
+            self.cut(CloseReason.SEND_TIMEOUT)
         elif self._sent_since_tick:
             self._sent_since_tick = False
             self._quiet_since = now
