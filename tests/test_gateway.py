@@ -1682,3 +1682,40 @@ def test_difys_web_client_sees_a_failed_turn_as_an_error_with_its_status_and_cod
 
     assert view.ended is None
     assert view.errored == {"status": 400, "code": "model_error", "id": turn["message_id"]}
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
+def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
+    parser: str, event_bus: EventBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.relay
+
+    if parser == "redis-py":
+        monkeypatch.setattr(gateway.relay, "hiredis", None)
+    settings = gateway_settings()
+    ids = new_ids()
+    channel = settings.channel_for(ids.message_id)
+
+    async def scenario() -> list[int]:
+        hub = gateway.relay.PubSubHub(settings.pubsub_url, health_check_seconds=1.0)
+        hub.start()
+        try:
+            async with asyncio.timeout(WAIT_SECONDS):
+                while not hub.connected:
+                    await asyncio.sleep(0.01)
+                subscription = await hub.subscribe([channel], buffer_events=64)
+                assert await subscription.wait_ready(WAIT_SECONDS)
+                publisher = event_bus.turn(ids)
+                for index in range(5):
+                    publisher.delta(f"<{index}>")
+                    publisher.flush()
+                seqs = []
+                while len(seqs) < 5:
+                    item = await subscription.get()
+                    assert isinstance(item, tuple) and item[0] == channel
+                    seqs.append(item[1].seq)
+                return seqs
+        finally:
+            await hub.stop()
+
+    assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
