@@ -28,6 +28,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -104,13 +105,18 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         cpu_before = _cpu(gateway_tree)
         publisher = context.Process(target=_publish, daemon=True,
                                     args=(pubsub_url, turns, args.rate, args.seconds, results))
+        backlog = _BacklogSampler(bus)
+        backlog.start()
         publisher.start()
         publisher.join(args.seconds + 120)
         collected = [results.get(timeout=args.seconds + 180) for _ in range(args.client_procs + 1)]
         cpu_after = _cpu(gateway_tree)
         for client in clients:
             client.join(10)
+        backlog.stop()
         health = _health(port)
+        limit = bus.config_get("client-output-buffer-limit")["client-output-buffer-limit"]
+        connections_lost = gateway.log_text().count("pub/sub connection lost")
     finally:
         gateway.stop()
         redis_child.stop()
@@ -134,6 +140,11 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "publisher_cpu_s": round(published["cpu_s"], 2),
         "clients_cpu_s": round(sum(r["cpu_s"] for r in client_results), 2),
         "cut_streams": health.get("cut_streams"), "writes": health.get("writes"),
+        "direct_writes": health.get("direct_writes"),
+        "pubsub_output_buffer_peak_kb": round(backlog.peak / 1024, 1),
+        "pubsub_output_buffer_limit": " ".join(limit.split()[limit.split().index("pubsub"):][:4])
+        if "pubsub" in limit else limit,
+        "pubsub_connections_lost": connections_lost,
         "frames_sent": health.get("frames_sent"),
         "worst_ms_by_second": {second: round(max(r["worst_by_second"].get(second, 0)
                                                  for r in client_results), 1)
@@ -142,18 +153,42 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class _BacklogSampler(threading.Thread):
+    """The most Redis held, at any 250 ms sample, in the output buffers of the gateway's pub/sub
+    connections: what the gateway has not read yet. Redis closes a connection whose buffer
+    passes ``client-output-buffer-limit pubsub`` (32 MB, or 8 MB for 60 s, by default)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(name="backlog-sampler", daemon=True)
+        self._client = client
+        self._done = threading.Event()
+        self.peak = 0
+
+    def run(self) -> None:
+        while not self._done.wait(0.25):
+            held = sum(int(entry.get("omem", 0)) for entry in self._client.client_list(
+                _type="pubsub") if str(entry.get("name", "")).startswith(
+                "agent-turn-gateway-pubsub"))
+            self.peak = max(self.peak, held)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(5)
+
+
 def print_result(r: dict[str, Any]) -> None:
     print(f"{r['streams']} streams x {r['rate']:g} events/s for {r['seconds']:g} s, "
           f"{r['workers']} gateway process(es)")
     print("| delivered / expected | complete streams | latency p50 / p99 / max, ms | "
           "gateway CPU per frame | frames/s | gateway RSS per stream | publisher CPU | "
-          "clients CPU | cut |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "clients CPU | cut | pub/sub backlog in Redis, peak | pub/sub connections lost |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {r['delivered']:,} / {r['expected']:,} | {r['complete']:,} / {r['streams']:,} | "
           f"{r['latency_p50_ms']} / {r['latency_p99_ms']} / {r['latency_max_ms']} | "
           f"{r['gateway_us_per_frame']} µs ({r['gateway_cpu_s']} s) | {r['frames_per_s']:,} | "
           f"{r['rss_per_stream_kb']} KB | {r['publisher_cpu_s']} s | {r['clients_cpu_s']} s | "
-          f"{r['cut_streams']} |")
+          f"{r['cut_streams']} | {r['pubsub_output_buffer_peak_kb']:,} KB (limit "
+          f"{r['pubsub_output_buffer_limit']}) | {r['pubsub_connections_lost']} |")
 
 
 def _tree(pid: int) -> list[psutil.Process]:
