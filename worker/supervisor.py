@@ -8,10 +8,11 @@ itself that a user pressed stop, that Flower revoked its task, or that its deadl
   Celery's revoked set (a revoke from Flower or ``celery control``), so noticing costs no polling
   of Redis per turn;
 - a turn past its deadline is stopped the same way, with another reason;
-- conversation leases, and the worker's alive key, are renewed in one pipelined round trip
-  every quarter of their TTL. That renewal is the proof of life other workers go by
-  (worker/takeover.py): a lease found in another's hands means the turn was taken over while
-  this process was paused or cut off, and its copy here is stopped (``TAKEN_OVER``).
+- the worker's alive key is renewed every quarter of its TTL, in one pipelined round trip with
+  the conversation leases that are due (``ConversationLocks.renew``). That renewal is the proof
+  of life other workers go by (worker/takeover.py): a lease found in another's hands means the
+  turn was taken over while this process was paused or cut off, and its copy here is stopped
+  (``TAKEN_OVER``).
 
 Stopping a turn sets its ``TurnControl`` flag, asks the backend to cancel the run (so the model is
 not paid for further) and shuts the turn's stream socket, so the blocked read returns at once. A

@@ -3,12 +3,13 @@
 The broker alone brings a dead worker's turns back late: Redis keeps a delivered message
 unacknowledged until its visibility timeout (900 s by default), and RabbitMQ returns it only
 when the connection drops, never for a worker that is paused. The worker already proves it is
-alive every fraction of a second: its supervisor renews each running turn's conversation lease.
-This module uses that same proof.
+alive every fraction of a second: its supervisor renews an alive key of its own, beside the
+running turns' conversation leases. This module goes by that key.
 
 - Every worker process has a name (``WorkerName``: the Celery hostname, the pid and a random
   part, so two processes with one hostname never share one) and, on the bus's Redis, an
-  *alive* key renewed in the same round trip as its leases, with the same TTL.
+  *alive* key, renewed every quarter of its TTL in the same round trip as its leases that are
+  due (a worker's leases live ten times that TTL: worker/locks.py).
 - Every task message a worker holds (running, prefetched, waiting for its countdown) is in
   its *deliveries* hash from the moment Celery builds the request until the message is
   acknowledged or rejected, and every lease it holds is in its *leases* hash.
