@@ -142,8 +142,7 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "cut_streams": health.get("cut_streams"), "writes": health.get("writes"),
         "direct_writes": health.get("direct_writes"),
         "pubsub_output_buffer_peak_kb": round(backlog.peak / 1024, 1),
-        "pubsub_output_buffer_limit": " ".join(limit.split()[limit.split().index("pubsub"):][:4])
-        if "pubsub" in limit else limit,
+        "pubsub_output_buffer_limit": _pubsub_limit(limit),
         "pubsub_connections_lost": connections_lost,
         "frames_sent": health.get("frames_sent"),
         "worst_ms_by_second": {second: round(max(r["worst_by_second"].get(second, 0)
@@ -151,6 +150,13 @@ def run(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
                                for second in sorted({s for r in client_results
                                                      for s in r["worst_by_second"]})},
     }
+
+
+def _pubsub_limit(limits: str) -> str:
+    """The ``pubsub`` class of ``client-output-buffer-limit`` ("normal 0 0 0 slave ... pubsub
+    33554432 8388608 60"): hard limit, soft limit, soft seconds."""
+    words = limits.split()
+    return " ".join(words[words.index("pubsub"):][:4]) if "pubsub" in words else limits
 
 
 class _BacklogSampler(threading.Thread):

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_PORT, TcpProxy, retrying_redis_through, wait_until
-from worker.locks import ConversationLocks
+from worker.locks import ConversationLocks, Lease
 
 
 @pytest.fixture
@@ -62,15 +62,22 @@ def test_renew_reports_the_leases_that_were_lost(locks: ConversationLocks,
     assert not locks.retake(kept), "a lease another holds now is not taken back"
 
 
+def a_worker_holding_a_lease(redis_client: redis.Redis, *, ttl_seconds: float
+                             ) -> tuple[str, ConversationLocks, Lease]:
+    """A worker's locks, named as a worker names them, holding one conversation's lease."""
+    worker = f"test-worker-{uuid.uuid4().hex[:6]}"
+    locks = ConversationLocks(redis_client, ttl_seconds=ttl_seconds, worker=worker)
+    lease = locks.acquire(new_conversation(), "msg-1")
+    assert lease is not None
+    return worker, locks, lease
+
+
 def test_a_workers_leases_are_listed_under_its_name_and_renewal_proves_it_alive(
     redis_client: redis.Redis,
 ) -> None:
     from worker.takeover import WORKERS_KEY, alive_key, leases_key
 
-    worker = f"test-worker-{uuid.uuid4().hex[:6]}"
-    locks = ConversationLocks(redis_client, ttl_seconds=30, worker=worker)
-    lease = locks.acquire(new_conversation(), "msg-1")
-    assert lease is not None
+    worker, locks, lease = a_worker_holding_a_lease(redis_client, ttl_seconds=30)
     assert redis_client.hget(leases_key(worker), lease.key) == lease.token.encode()
 
     assert locks.renew([lease]) == []
@@ -110,17 +117,13 @@ def test_an_acquire_whose_reply_was_lost_still_holds_the_lease(
     assert ConversationLocks(redis_client, ttl_seconds=30).acquire(conversation, "msg-2") is None
 
 
-
 def test_a_workers_renewal_proves_it_alive_each_time_but_renews_a_lease_only_when_due(
     redis_client: redis.Redis,
 ) -> None:
     from worker.locks import LEASE_TTL_FACTOR
     from worker.takeover import WORKERS_KEY, alive_key
 
-    worker = f"test-worker-{uuid.uuid4().hex[:6]}"
-    locks = ConversationLocks(redis_client, ttl_seconds=0.2, worker=worker)
-    lease = locks.acquire(new_conversation(), "msg-1")
-    assert lease is not None
+    worker, locks, lease = a_worker_holding_a_lease(redis_client, ttl_seconds=0.2)
     taken = time.monotonic()
     assert 0 < redis_client.pttl(lease.key) <= 200 * LEASE_TTL_FACTOR
 

@@ -66,7 +66,7 @@ class ConversationLocks:
                  worker: str | None = None) -> None:
         self._redis = client
         self._alive_ttl_ms = self._ttl_ms = int(ttl_seconds * 1000)
-        # When each lease taken here is next due for renewal (monotonic seconds).
+        # In a worker, when each lease taken here is next due for renewal (monotonic seconds).
         self._due: dict[Lease, float] = {}
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -98,7 +98,7 @@ class ConversationLocks:
                                        args=[lease.token, self._ttl_ms]))
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"taking the conversation lock failed: {exc}") from exc
-        if taken:
+        if taken and self._worker is not None:
             self._due[lease] = self._next_due()
         return taken
 
@@ -137,10 +137,10 @@ class ConversationLocks:
         results = pipeline.execute()[2 if self._worker is not None else 0:]
         lost = []
         for lease, renewed in zip(leases, results, strict=True):
-            if renewed:
-                self._due[lease] = self._next_due()
-            else:
+            if not renewed:
                 lost.append(lease)
+            elif self._worker is not None:
+                self._due[lease] = self._next_due()
         return lost
 
     def retake(self, lease: Lease) -> bool:

@@ -440,8 +440,9 @@ class SessionStore:
 
     def load_snapshot(self, conversation_id: str, layer_names: tuple[str, ...]) -> LoadedSnapshot:
         """The conversation's snapshot, unless it was taken under another composition."""
-        with self._transaction() as session:
-            return _loaded(session.get(ConversationSnapshot, conversation_id), layer_names)
+        with self._connection() as connection:
+            return _loaded(connection.execute(_SNAPSHOT, {"id": conversation_id}).first(),
+                           layer_names)
 
     def record_run(self, message_id: str, *, run_id: str, run_count: int,
                    base_version: int) -> None:
