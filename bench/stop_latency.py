@@ -91,7 +91,8 @@ def run(settings: Settings, turns: int) -> list[float]:
             chunks[message_id] = chunks.get(message_id, 0) + 1
             if chunks[message_id] == 2 and message_id not in stopped_at:
                 stopped_at[message_id] = time.perf_counter()
-                stop_turn(message_id=message_id, celery_app=producer, settings=settings)
+                stop_turn(message_id=message_id, tenant_id="bench", app_id="bench",
+                          user_id="bench", celery_app=producer, settings=settings)
         elif event["event"] == "message_end":
             if event.get("status") != "stopped" or message_id not in stopped_at:
                 raise SystemExit(f"turn {message_id} ended without being stopped: {event}")

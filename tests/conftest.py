@@ -231,6 +231,11 @@ def make_turn(**overrides: Any) -> dict[str, Any]:
     return turn
 
 
+def owner_ids(turn: dict[str, Any]) -> dict[str, str]:
+    """The (tenant, app, user) of a turn, as keyword arguments of the producer helpers."""
+    return {name: turn[name] for name in ("tenant_id", "app_id", "user_id")}
+
+
 @dataclass
 class TurnListener:
     """A subscriber to one turn's channel, subscribed before the turn is enqueued."""

@@ -19,6 +19,7 @@ from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings, mak
 from worker.client import (
     prepare_turn,
     producer_app,
+    stop_turn,
     submit_human_input,
     submit_human_input_for,
     submit_turn,
@@ -250,3 +251,35 @@ def test_an_answer_that_could_not_be_enqueued_can_be_sent_again(
     with pytest.raises(HumanInputRefused, match="answered already"):
         submit_human_input(message_id, "call_1", "approve", {}, **OWNER_IDS,
                            celery_app=producer, settings=queue_settings)
+
+
+def test_a_stop_names_its_task_only_for_the_tasks_owner(
+    producer: Celery, queue_settings: Settings, broker: redis.Redis
+) -> None:
+    turn = make_turn()
+    sent = submit_turn(turn, celery_app=producer, settings=queue_settings)
+    owner = {name: turn[name] for name in ("tenant_id", "app_id", "user_id")}
+    other = {**owner, "app_id": "app-2"}
+
+    mine = stop_turn(message_id=sent.message_id, **owner, celery_app=producer,
+                     settings=queue_settings)
+    theirs = stop_turn(message_id=sent.message_id, **other, celery_app=producer,
+                       settings=queue_settings)
+    with pytest.raises(LookupError, match="no turn is known"):
+        stop_turn(task_id=sent.task_id, **other, celery_app=producer, settings=queue_settings)
+
+    assert (mine.task_id, mine.message_id) == (sent.task_id, sent.message_id)
+    assert (theirs.task_id, theirs.message_id) == (None, sent.message_id), (
+        "another owner's stop looks like a stop of an unknown message")
+
+
+@pytest.mark.parametrize("bad", [{"user_id": ""}, {"tenant_id": "a b"}, {"message_id": "x\n"},
+                                 {"app_id": None}])
+def test_a_stop_with_an_invalid_id_is_refused_before_anything_is_sent(
+    producer: Celery, queue_settings: Settings, bad: dict[str, Any]
+) -> None:
+    fields = {"tenant_id": "tenant-1", "app_id": "app-1", "user_id": "user-1",
+              "message_id": "msg-1", **bad}
+
+    with pytest.raises(ValueError, match="not a valid id"):
+        stop_turn(**fields, celery_app=producer, settings=queue_settings)

@@ -29,6 +29,7 @@ from tests.conftest import (
     base_settings,
     free_port,
     make_turn,
+    owner_ids,
     settings_env,
     stop_worker,
 )
@@ -290,7 +291,7 @@ def test_flower_shows_a_running_turn_as_streaming_with_its_progress(
     # metadata in the result backend (tests/test_progress.py reads it through AsyncResult).
     result = flower.get(f"/api/task/result/{sent.task_id}").json()
     assert result["state"] == "STREAMING"
-    stop_turn(message_id=turn["message_id"], celery_app=producer_app,
+    stop_turn(message_id=turn["message_id"], **owner_ids(turn), celery_app=producer_app,
               settings=celery_worker.settings)
     assert_single_end(listener.wait_for_end(timeout=5), "message_end")
     done = flower.task_when(sent.task_id, lambda info: info["state"] in READY_STATES)

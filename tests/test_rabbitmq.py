@@ -30,6 +30,7 @@ from tests.conftest import (
     base_settings,
     final_state,
     make_turn,
+    owner_ids,
     sqlite_url,
     start_worker,
     stop_worker,
@@ -141,7 +142,8 @@ def test_a_running_turn_stops_with_rabbitmq_as_broker(
     wait_for_chunks(listener, 2)
 
     if how == "stop_turn":
-        stop_turn(task_id=sent.task_id, celery_app=rabbit.producer, settings=rabbit.settings)
+        stop_turn(task_id=sent.task_id, **owner_ids(turn), celery_app=rabbit.producer,
+                  settings=rabbit.settings)
     else:  # Celery's revoke alone, broadcast through RabbitMQ (what Flower sends)
         rabbit.producer.control.revoke(sent.task_id)
     events = listener.wait_for_end(timeout=5)

@@ -22,6 +22,7 @@ from tests.conftest import (
     assert_single_end,
     base_settings,
     make_turn,
+    owner_ids,
     sqlite_url,
     wait_until,
 )
@@ -30,7 +31,7 @@ from worker.client import stop_turn, submit_turn
 from worker.errors import TurnTimedOut
 from worker.locks import ConversationLocks, Lease
 from worker.payload import parse_turn
-from worker.supervisor import TurnControl, TurnSupervisor
+from worker.supervisor import TurnControl, TurnSupervisor, stop_request
 from worker.turn import TurnServices, run_turn
 
 SLOW = {"answer_tokens": 200, "token_delay": 0.03}
@@ -70,7 +71,7 @@ def test_stopping_a_running_turn_ends_it_with_the_partial_answer(
     submitted = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
     wait_for_chunks(listener, 2)
 
-    stop_turn(**{by: getattr(submitted, by)}, celery_app=producer_app,
+    stop_turn(**{by: getattr(submitted, by)}, **owner_ids(turn), celery_app=producer_app,
               settings=celery_worker.settings)
     events = listener.wait_for_end(timeout=5)
 
@@ -105,7 +106,7 @@ def test_stopping_a_waiting_turn_ends_it_without_calling_the_backend(
     submit_turn(waiting, celery_app=producer_app, settings=celery_worker.settings)
     _wait_for_status(celery_worker, waiting["message_id"], "queued")
 
-    stop_turn(message_id=waiting["message_id"], celery_app=producer_app,
+    stop_turn(message_id=waiting["message_id"], **owner_ids(waiting), celery_app=producer_app,
               settings=celery_worker.settings)
 
     end = assert_single_end(waiting_listener.wait_for_end(), "message_end")
@@ -114,6 +115,50 @@ def test_stopping_a_waiting_turn_ends_it_without_calling_the_backend(
     assert assert_single_end(first_listener.wait_for_end(), "message_end")["status"] == "succeeded"
     message = celery_worker.store.get_message(waiting["message_id"])
     assert message is not None and message.status == "stopped"
+
+
+def test_a_stop_from_another_owner_leaves_a_running_turn_to_finish(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    turn = make_turn()
+    stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.02)
+    listener = listen(turn["message_id"])
+    submitted = submit_turn(turn, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(listener, 2)
+    intruder = owner_ids(make_turn(tenant_id="tenant-2"))
+
+    by_message = stop_turn(message_id=turn["message_id"], **intruder, celery_app=producer_app,
+                           settings=celery_worker.settings)
+    with pytest.raises(LookupError, match="no turn is known"):
+        stop_turn(task_id=submitted.task_id, **intruder, celery_app=producer_app,
+                  settings=celery_worker.settings)
+    end = assert_single_end(listener.wait_for_end(timeout=10), "message_end")
+
+    assert by_message.task_id is None, "another owner's task is never revoked"
+    assert end["status"] == "succeeded"
+    [run] = stub.runs(turn["message_id"])
+    assert run["status"] == "succeeded"
+
+
+def test_a_stop_from_another_owner_leaves_a_waiting_turn_to_run(
+    celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
+) -> None:
+    first = make_turn(query="first")
+    waiting = make_turn(conversation_id=first["conversation_id"], query="second")
+    stub.plan(first["message_id"], answer_tokens=30, token_delay=0.02)
+    first_listener = listen(first["message_id"])
+    waiting_listener = listen(waiting["message_id"])
+    submit_turn(first, celery_app=producer_app, settings=celery_worker.settings)
+    wait_for_chunks(first_listener, 1)
+    submit_turn(waiting, celery_app=producer_app, settings=celery_worker.settings)
+    _wait_for_status(celery_worker, waiting["message_id"], "queued")
+
+    stop_turn(message_id=waiting["message_id"], **owner_ids(make_turn(user_id="user-2")),
+              celery_app=producer_app, settings=celery_worker.settings)
+
+    end = assert_single_end(waiting_listener.wait_for_end(), "message_end")
+    assert (end["status"], end["answer"]) == ("succeeded", "[turn 2] You said: second.")
+    assert stub.create_calls(waiting["message_id"]) == 1
 
 
 def test_a_second_turn_waits_for_the_first_and_builds_on_its_snapshot(
@@ -144,7 +189,7 @@ def test_a_second_turn_waits_for_the_first_and_builds_on_its_snapshot(
 def test_a_stop_for_an_unknown_task_says_so(celery_worker: RunningWorker,
                                             producer_app: Any) -> None:
     with pytest.raises(LookupError, match="no turn is known"):
-        stop_turn(task_id="no-such-task", celery_app=producer_app,
+        stop_turn(task_id="no-such-task", **owner_ids(make_turn()), celery_app=producer_app,
                   settings=celery_worker.settings)
 
 
@@ -192,6 +237,25 @@ def test_a_turn_past_its_deadline_is_cancelled_and_times_out(
     assert short_deadline_services.store.get_snapshot(turn["conversation_id"]) is None
 
 
+# Control messages, in-process against real Redis ---------------------------------------------
+
+
+def test_a_control_stop_is_obeyed_only_from_the_turns_owner(redis_client: redis.Redis) -> None:
+    supervisor = _supervisor(redis_client, ConversationLocks(redis_client, ttl_seconds=30))
+    control = supervisor.register("task-1", "msg-1", owner="owner-1", deadline_seconds=60)
+    try:
+        supervisor._on_control(stop_request("msg-1", "owner-2"))
+        supervisor._on_control(json.dumps({"stop": "msg-1"}))
+        supervisor._on_control(b"not json")
+        assert not control.stopped
+
+        supervisor._on_control(stop_request("msg-1", "owner-1"))
+    finally:
+        supervisor.close()
+
+    assert control.stop_reason == "stopped"
+
+
 # Lease renewal, in-process against real Redis -------------------------------------------------
 
 
@@ -226,7 +290,7 @@ def test_a_lease_released_by_a_turn_ending_during_renewal_is_not_reported_lost(
 
     locks = _EndingDuringRenewal(redis_client, ttl_seconds=30, ending=end_the_turn)
     supervisor = _supervisor(redis_client, locks)
-    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control = supervisor.register("task-1", "msg-1", owner="owner-1", deadline_seconds=60)
     control.lease = locks.acquire("conv-1", "msg-1")
 
     try:
@@ -245,7 +309,7 @@ def test_a_lease_that_lapsed_unclaimed_is_taken_again_and_the_turn_goes_on(
 ) -> None:
     locks = ConversationLocks(redis_client, ttl_seconds=30)
     supervisor = _supervisor(redis_client, locks)
-    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control = supervisor.register("task-1", "msg-1", owner="owner-1", deadline_seconds=60)
     control.lease = locks.acquire(f"conv-{uuid.uuid4().hex[:8]}", "msg-1")
     assert control.lease is not None
     redis_client.delete(control.lease.key)  # expired while the worker was paused
@@ -267,7 +331,7 @@ def test_a_turn_whose_lease_another_holds_now_is_stopped_without_cancelling_its_
     locks = ConversationLocks(redis_client, ttl_seconds=30)
     supervisor = _supervisor(redis_client, locks)
     conversation = f"conv-{uuid.uuid4().hex[:8]}"
-    control = supervisor.register("task-1", "msg-1", deadline_seconds=60)
+    control = supervisor.register("task-1", "msg-1", owner="owner-1", deadline_seconds=60)
     control.lease = locks.acquire(conversation, "msg-1")
     control.run_id = "run-that-goes-on"
     assert control.lease is not None

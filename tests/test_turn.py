@@ -24,6 +24,7 @@ from tests.conftest import (
     wait_until,
 )
 from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, TurnTakenOver
+from worker.ownership import owner_fingerprint
 from worker.payload import parse_turn
 from worker.supervisor import stop_key
 from worker.turn import TurnServices, end_stopped_before_running, run_turn
@@ -237,7 +238,8 @@ def test_a_finished_turn_delivered_again_with_its_stop_flag_set_publishes_no_sec
     listener = listen(turn["message_id"])
     attempt(services, turn)
     first = listener.wait_for_end()
-    redis_client.set(stop_key(turn["message_id"]), "1", ex=60)  # a stop that came too late
+    owner = owner_fingerprint(turn["tenant_id"], turn["app_id"], turn["user_id"])
+    redis_client.set(stop_key(turn["message_id"], owner), "1", ex=60)  # a stop that came late
 
     again = attempt(services, turn)
 

@@ -40,9 +40,10 @@ from worker.payload import (
     parse_human_answer,
     parse_human_input,
     parse_turn,
+    valid_identifier,
 )
 from worker.questions import PendingQuestion, answered_key, check_answer, question_key
-from worker.supervisor import CONTROL_CHANNEL, stop_key
+from worker.supervisor import CONTROL_CHANNEL, stop_key, stop_request
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def submit_turn(
     if celery_app is None:
         from worker.app import app as celery_app
     task_id = new_id()
-    _remember_task(settings, task_id=task_id, message_id=payload.message_id)
+    _remember_task(settings, task_id=task_id, message_id=payload.message_id, owner=payload.owner)
     turn = payload.model_dump(mode="json")
     result = celery_app.send_task(
         TURN_TASK_NAME, kwargs={"turn": turn}, queue=settings.queue, task_id=task_id,
@@ -117,6 +118,8 @@ def submit_turn(
 
 @dataclass(frozen=True)
 class StopRequest:
+    # The task revoked, or None: none is known for the message, or the one known is not the
+    # caller's (a stop never revokes another owner's task).
     task_id: str | None
     message_id: str
 
@@ -125,32 +128,51 @@ def stop_turn(
     *,
     task_id: str | None = None,
     message_id: str | None = None,
+    tenant_id: str,
+    app_id: str,
+    user_id: str,
     celery_app: Celery | None = None,
     settings: Settings | None = None,
 ) -> StopRequest:
-    """Stop a turn by its task id or message id, whether it is queued or running.
+    """Stop a turn of (tenant, app, user) by its task id or message id, queued or running.
 
     Three signals, each for a case the others miss: a stop flag in Redis (read by a turn when it
     starts, so a queued turn ends without calling the backend, even after a worker restart); a
     message on the control channel (a running turn's worker notices within its supervisor's
     tick and cancels the backend run); and a Celery revoke (the same path as Flower's revoke).
     The turn then ends with ``message_end`` and ``status: stopped``.
+
+    Only the turn's owner can stop it: the flag and the control message name the caller, and
+    the worker obeys only the owner its store agreed to; the revoke is sent only for a task
+    ``submit_turn`` recorded for the caller. A stop of another owner's message looks like a
+    stop of an unknown one (nothing revoked, ``task_id`` None), so a caller cannot learn
+    whether it exists; a task id that is unknown or another owner's raises ``LookupError``.
     """
     settings = settings or get_settings()
     if message_id is None and task_id is None:
         raise ValueError("stop_turn needs a task_id or a message_id")
+    owner_ids = {"tenant_id": tenant_id, "app_id": app_id, "user_id": user_id}
+    if message_id is not None:
+        owner_ids["message_id"] = message_id
+    for name, value in owner_ids.items():
+        if valid_identifier(value) is None:
+            raise ValueError(f"stop_turn: {name} is not a valid id")
+    owner = owner_fingerprint(tenant_id, app_id, user_id)
     bus = _bus(settings)
-    if message_id is None:
-        found = bus.get(_message_of(task_id))
-        if found is None:
-            raise LookupError(f"no turn is known for task {task_id}")
-        message_id = found.decode()
-    if task_id is None:
+    if task_id is not None:
+        submitted = _submitted_task(bus, task_id)
+        if submitted is None or submitted[1] != owner:
+            raise LookupError(f"no turn is known for task {valid_identifier(task_id) or '?'}")
+        message_id = submitted[0]
+    else:
+        assert message_id is not None
         found = bus.get(_task_of(message_id))
-        task_id = found.decode() if found is not None else None
+        candidate = found.decode() if found is not None else None
+        submitted = _submitted_task(bus, candidate) if candidate is not None else None
+        task_id = candidate if submitted == (message_id, owner) else None
     pipeline = bus.pipeline(transaction=False)
-    pipeline.set(stop_key(message_id), "1", ex=settings.turn_state_ttl_seconds)
-    pipeline.publish(CONTROL_CHANNEL, json.dumps({"stop": message_id}))
+    pipeline.set(stop_key(message_id, owner), "1", ex=settings.turn_state_ttl_seconds)
+    pipeline.publish(CONTROL_CHANNEL, stop_request(message_id, owner))
     pipeline.execute()
     if task_id is not None:
         if celery_app is None:
@@ -177,12 +199,34 @@ def _message_of(task_id: str | None) -> str:
     return f"agent-turn:message-of:{task_id}"
 
 
-def _remember_task(settings: Settings, *, task_id: str, message_id: str) -> None:
-    """Let ``stop_turn`` find either id from the other."""
+def _remember_task(settings: Settings, *, task_id: str, message_id: str, owner: str) -> None:
+    """Let ``stop_turn`` find either id from the other, and whose the task is.
+
+    The task's record is the one to trust: its key is the new task id, so no other submission
+    can overwrite it, whereas any submission naming the message id rewrites ``task-of``.
+    """
     pipeline = _bus(settings).pipeline(transaction=False)
     pipeline.set(_task_of(message_id), task_id, ex=settings.turn_state_ttl_seconds)
-    pipeline.set(_message_of(task_id), message_id, ex=settings.turn_state_ttl_seconds)
+    pipeline.set(_message_of(task_id), json.dumps({"m": message_id, "o": owner}),
+                 ex=settings.turn_state_ttl_seconds)
     pipeline.execute()
+
+
+def _submitted_task(bus: redis.Redis, task_id: str) -> tuple[str, str] | None:
+    """(message id, owner fingerprint) that ``submit_turn`` recorded for a task, or None."""
+    if valid_identifier(task_id) is None:
+        return None
+    found = bus.get(_message_of(task_id))
+    try:
+        record = json.loads(found) if found is not None else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    message_id, owner = record.get("m"), record.get("o")
+    if not isinstance(message_id, str) or not isinstance(owner, str):
+        return None
+    return message_id, owner
 
 
 def producer_app(settings: Settings | None = None) -> Celery:

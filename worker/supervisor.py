@@ -6,7 +6,9 @@ itself that a user pressed stop, that Flower revoked its task, or that its deadl
 
 - stop requests arrive on one pub/sub control channel (``stop_turn`` publishes there) and from
   Celery's revoked set (a revoke from Flower or ``celery control``), so noticing costs no polling
-  of Redis per turn;
+  of Redis per turn. A user's stop names the owner it comes from, and a turn obeys only its own
+  owner's: a web tier that passes a user's ids through cannot stop another tenant's turn (the
+  revoke is an operator's, by task id, and ``stop_turn`` sends it only for the owner's own task);
 - a turn past its deadline is stopped the same way, with another reason;
 - the worker's alive key is renewed every quarter of its TTL, in one pipelined round trip with
   the conversation leases that are due (``ConversationLocks.renew``). That renewal is the proof
@@ -46,9 +48,19 @@ DEADLINE = "deadline"
 TAKEN_OVER = "taken_over"
 
 
-def stop_key(message_id: str) -> str:
-    """Where a stop request waits for a turn that is not running yet."""
-    return f"agent-turn:stop:{message_id}"
+def stop_key(message_id: str, owner: str) -> str:
+    """Where ``owner``'s stop request waits for a turn that is not running yet.
+
+    One key per requesting owner, so a request from anyone else neither stops the turn nor
+    overwrites its owner's request: the turn reads only the key of the owner the store agreed
+    to (``owner`` is a fingerprint, worker/ownership.py).
+    """
+    return f"agent-turn:stop:{message_id}:{owner}"
+
+
+def stop_request(message_id: str, owner: str) -> str:
+    """The control-channel message of ``owner``'s stop of ``message_id``."""
+    return json.dumps({"stop": message_id, "owner": owner}, separators=(",", ":"))
 
 
 @dataclass(eq=False)
@@ -57,6 +69,8 @@ class TurnControl:
 
     task_id: str
     message_id: str
+    # The fingerprint of the owner the store agreed to: the only one whose stop it obeys.
+    owner: str
     deadline_at: float
     run_id: str | None = None
     lease: Lease | None = None
@@ -126,8 +140,9 @@ class TurnSupervisor:
 
     # Registration, from turn threads --------------------------------------------------------
 
-    def register(self, task_id: str, message_id: str, *, deadline_seconds: float) -> TurnControl:
-        control = TurnControl(task_id, message_id, time.monotonic() + deadline_seconds)
+    def register(self, task_id: str, message_id: str, *, owner: str,
+                 deadline_seconds: float) -> TurnControl:
+        control = TurnControl(task_id, message_id, owner, time.monotonic() + deadline_seconds)
         with self._guard:
             self._controls[message_id] = control
         self.start()
@@ -146,9 +161,10 @@ class TurnSupervisor:
             if self._controls.get(control.message_id) is control:
                 del self._controls[control.message_id]
 
-    def stop_requested(self, message_id: str) -> bool:
+    def stop_requested(self, message_id: str, owner: str) -> bool:
+        """Whether ``owner`` asked to stop the turn before it ran."""
         try:
-            return bool(self._redis.exists(stop_key(message_id)))
+            return bool(self._redis.exists(stop_key(message_id, owner)))
         except redis.RedisError as exc:
             raise AgentBackendError(f"reading the stop flag failed: {exc}",
                                     message_id=message_id) from exc
@@ -212,14 +228,21 @@ class TurnSupervisor:
 
     def _on_control(self, raw: bytes | str) -> None:
         try:
-            message_id = json.loads(raw).get("stop")
+            request = json.loads(raw)
+            message_id, owner = request.get("stop"), request.get("owner")
         except (ValueError, AttributeError):
             log.warning("ignoring a malformed control message")
             return
         with self._guard:
             control = self._controls.get(message_id) if isinstance(message_id, str) else None
-        if control is not None:
-            self.interrupt(control, STOPPED)
+        if control is None:
+            return
+        if owner != control.owner:
+            # Not logged with what the request said: it is anyone's text.
+            log.warning("ignoring a stop of turn %s that did not come from its owner",
+                        control.message_id)
+            return
+        self.interrupt(control, STOPPED)
 
     def _check_revoked_and_deadlines(self) -> None:
         revoked = _celery_revoked()

@@ -174,9 +174,10 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
             f"conversation {turn.conversation_id} waits for the answer to the question of "
             f"message {waiting}", message_id=turn.message_id)
     control = services.supervisor.register(
-        task_id, turn.message_id, deadline_seconds=services.settings.turn_deadline_seconds)
+        task_id, turn.message_id, owner=turn.owner,
+        deadline_seconds=services.settings.turn_deadline_seconds)
     try:
-        if services.supervisor.stop_requested(turn.message_id):
+        if services.supervisor.stop_requested(turn.message_id, turn.owner):
             ended = services.store.get_message(turn.message_id)
             if ended is not None and ended.status in FINISHED_STATUSES:
                 # Delivered again after its end, with its stop flag still set: its end stands.
@@ -475,7 +476,7 @@ def resume_turn(answer: HumanInputRequest, *, task_id: str, services: TurnServic
     services.bus.forget_question(turn.message_id)
     ids = TurnIds(task_id, turn.message_id, turn.conversation_id)
     publisher = services.bus.turn(ids)
-    control = services.supervisor.register(task_id, turn.message_id,
+    control = services.supervisor.register(task_id, turn.message_id, owner=turn.owner,
                                            deadline_seconds=settings.turn_deadline_seconds)
     try:
         lease = services.locks.acquire(turn.conversation_id, turn.message_id)
