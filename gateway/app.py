@@ -163,7 +163,8 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
     settings = settings or get_settings()
     secret = settings.gateway_secret.get_secret_value().encode()
     hub = PubSubHub(settings.pubsub_url,
-                    health_check_seconds=settings.gateway_redis_health_check_seconds)
+                    health_check_seconds=settings.gateway_redis_health_check_seconds,
+                    read_batch_seconds=settings.gateway_read_batch_ms / 1000)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.pubsub_url, max_connections=settings.gateway_redis_max_connections,
         timeout=settings.gateway_subscribe_timeout_seconds, socket_connect_timeout=5,

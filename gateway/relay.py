@@ -54,6 +54,9 @@ from worker.publisher import TERMINAL_EVENTS, replay_log_key, seq_key, seq_of
 
 log = logging.getLogger(__name__)
 
+# What one read of the pub/sub socket takes at most.
+_READ_SIZE = 1 << 16
+
 
 @dataclass(frozen=True, slots=True)
 class TurnEvent:
@@ -213,18 +216,21 @@ class PubSubHub:
     due per channel tells which is the latest, across quick unsubscribe/subscribe cycles.)
     """
 
-    def __init__(self, url: str, *, health_check_seconds: float) -> None:
+    def __init__(self, url: str, *, health_check_seconds: float,
+                 read_batch_seconds: float = 0.0) -> None:
         # Named, so that an operator (or a test) can tell this connection apart in CLIENT LIST.
         self._pool = aioredis.ConnectionPool.from_url(
             url, socket_keepalive=True, socket_connect_timeout=5,
             client_name=f"agent-turn-gateway-pubsub-{os.getpid()}")
         self._health_check = health_check_seconds
+        self._read_batch = read_batch_seconds
         self._channels: dict[str, _Channel] = {}
         self._unacknowledged: Counter[str] = Counter()
         self._connection: AbstractConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._replied_at = 0.0
         self.messages_relayed = 0
+        self.reads = 0  # of the pub/sub socket: messages_relayed / reads is the batching
 
     @property
     def connected(self) -> bool:
@@ -279,6 +285,7 @@ class PubSubHub:
             "subscriptions": len(subscriptions),
             "queued_events": sum(sub.queued for sub in subscriptions),
             "messages_relayed": self.messages_relayed,
+            "pubsub_reads": self.reads,
         }
 
     async def _send(self, command: str, *channels: str) -> None:
@@ -327,6 +334,10 @@ class PubSubHub:
         stream = getattr(connection, "_reader", None)
         direct = hiredis is not None and isinstance(stream, asyncio.StreamReader)
         parser = hiredis.Reader() if direct else None
+        transport = getattr(connection, "_writer", None)
+        transport = getattr(transport, "transport", None)
+        batch = self._read_batch if direct and transport is not None else 0.0
+        drained = True
         try:
             while True:
                 if not direct:
@@ -339,7 +350,14 @@ class PubSubHub:
                     continue
                 reply = parser.gets()  # type: ignore[union-attr]
                 if reply is False:
-                    data = await stream.read(1 << 16)
+                    # Only after a read that emptied the buffer: one that filled it leaves
+                    # more to read now, and pausing then would cap how fast a backlog drains.
+                    wait = self._replied_at + batch - loop.time() if drained else 0.0
+                    if wait > 0:
+                        await self._gather(transport, wait)
+                    data = await stream.read(_READ_SIZE)
+                    drained = len(data) < _READ_SIZE
+                    self.reads += 1
                     if not data:
                         raise ConnectionError("Redis closed the pub/sub connection")
                     self._replied_at = loop.time()
@@ -351,6 +369,18 @@ class PubSubHub:
         finally:
             pinger.cancel()
             await asyncio.gather(pinger, return_exceptions=True)
+
+    @staticmethod
+    async def _gather(transport: asyncio.Transport, seconds: float) -> None:
+        """Leave the socket unread for ``seconds``, so that what comes meanwhile is read in one
+        go. The transport stops reading, not only this coroutine: a transport that reads goes
+        on waking the process for every packet, into the stream's buffer."""
+        transport.pause_reading()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            if not transport.is_closing():
+                transport.resume_reading()
 
     def _handle(self, reply: Any) -> None:
         if isinstance(reply, list) and len(reply) == 3:
