@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # What one read of the pub/sub socket takes at most.
 _READ_SIZE = 1 << 16
+# How long the pub/sub reader reads without pausing once its loop was found saturated.
+_BUSY_SECONDS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,7 @@ class PubSubHub:
         transport = getattr(transport, "transport", None)
         batch = self._read_batch if direct and transport is not None else 0.0
         drained = True
+        busy_until = 0.0
         try:
             while True:
                 if not direct:
@@ -352,9 +355,15 @@ class PubSubHub:
                 if reply is False:
                     # Only after a read that emptied the buffer: one that filled it leaves
                     # more to read now, and pausing then would cap how fast a backlog drains.
-                    wait = self._replied_at + batch - loop.time() if drained else 0.0
-                    if wait > 0:
+                    now = loop.time()
+                    wait = self._replied_at + batch - now if drained else 0.0
+                    if wait > 0 and now >= busy_until:
                         await self._gather(transport, wait)
+                        if loop.time() - now > wait + batch:
+                            # The loop had more to do than the pause: it is saturated, so it
+                            # would not sleep anyway, and pausing would only leave the backlog
+                            # in Redis. Read as it comes for a while.
+                            busy_until = loop.time() + _BUSY_SECONDS
                     data = await stream.read(_READ_SIZE)
                     drained = len(data) < _READ_SIZE
                     self.reads += 1

@@ -1780,3 +1780,47 @@ def test_a_busy_pubsub_connection_is_read_once_per_batch_and_a_quiet_one_at_once
     assert seqs == [1, 2, 3, 4]
     assert first_after < batch, "a message on a quiet connection is read at once"
     assert burst_after >= batch * 0.9, "messages right after a read wait for the batch"
+
+
+def test_a_saturated_pubsub_reader_stops_pausing_and_reads_as_messages_come(
+    event_bus: EventBus, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.relay
+
+    monkeypatch.setattr(gateway.relay, "_BUSY_SECONDS", 30.0)
+    settings = gateway_settings()
+    ids = new_ids()
+    channel = settings.channel_for(ids.message_id)
+    batch = 0.3
+
+    async def scenario() -> float:
+        hub = gateway.relay.PubSubHub(settings.pubsub_url, health_check_seconds=30.0,
+                                      read_batch_seconds=batch)
+        hub.start()
+        loop = asyncio.get_running_loop()
+        publisher = event_bus.turn(ids)
+
+        def publish(text: str) -> None:
+            publisher.delta(text)
+            publisher.flush()
+
+        try:
+            async with asyncio.timeout(WAIT_SECONDS):
+                while not hub.connected:
+                    await asyncio.sleep(0.01)
+                subscription = await hub.subscribe([channel], buffer_events=64)
+                assert await subscription.wait_ready(WAIT_SECONDS)
+                await asyncio.sleep(batch)
+                publish("first")
+                await subscription.get()
+                publish("second")  # read after a pause, which the loop overruns:
+                loop.call_soon(time.sleep, 3 * batch)  # a loop with more work than it can do
+                await subscription.get()
+                sent = loop.time()
+                publish("third")
+                await subscription.get()
+                return loop.time() - sent
+        finally:
+            await hub.stop()
+
+    assert asyncio.run(scenario()) < batch * 0.8, "a saturated reader does not pause"
