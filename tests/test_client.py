@@ -15,7 +15,14 @@ from celery import Celery
 
 from config.celery import RESUME_TASK_NAME, TURN_TASK_NAME, celery_config
 from config.settings import Settings
-from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings, make_turn
+from tests.conftest import (
+    BROKER_DB,
+    REDIS_HOST,
+    REDIS_PORT,
+    base_settings,
+    make_turn,
+    owner_ids,
+)
 from worker.client import (
     prepare_turn,
     producer_app,
@@ -258,7 +265,7 @@ def test_a_stop_names_its_task_only_for_the_tasks_owner(
 ) -> None:
     turn = make_turn()
     sent = submit_turn(turn, celery_app=producer, settings=queue_settings)
-    owner = {name: turn[name] for name in ("tenant_id", "app_id", "user_id")}
+    owner = owner_ids(turn)
     other = {**owner, "app_id": "app-2"}
 
     mine = stop_turn(message_id=sent.message_id, **owner, celery_app=producer,

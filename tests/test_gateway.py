@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -59,6 +60,8 @@ from worker.questions import answered_key
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
+
+    from gateway.relay import Subscription
 
 ARTIFACTS = ROOT / "artifacts"
 # The owner of make_turn's turns and of RunningGateway.token's default tokens, and another one.
@@ -1698,6 +1701,26 @@ def test_difys_web_client_sees_a_failed_turn_as_an_error_with_its_status_and_cod
     assert view.errored == {"status": 400, "code": "model_error", "id": turn["message_id"]}
 
 
+@contextlib.asynccontextmanager
+async def subscribed_hub(settings: Settings, channel: str,
+                         **options: Any) -> AsyncIterator[Subscription]:
+    """An in-process pub/sub hub on real Redis, connected and subscribed to ``channel``; what
+    the caller does inside is bounded by ``WAIT_SECONDS`` too."""
+    from gateway.relay import PubSubHub
+
+    hub = PubSubHub(settings.pubsub_url, **options)
+    hub.start()
+    try:
+        async with asyncio.timeout(WAIT_SECONDS):
+            while not hub.connected:
+                await asyncio.sleep(0.01)
+            subscription = await hub.subscribe([channel], buffer_events=64)
+            assert await subscription.wait_ready(WAIT_SECONDS)
+            yield subscription
+    finally:
+        await hub.stop()
+
+
 @pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
 def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
     parser: str, event_bus: EventBus, monkeypatch: pytest.MonkeyPatch,
@@ -1711,26 +1734,17 @@ def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
     channel = settings.channel_for(ids.message_id)
 
     async def scenario() -> list[int]:
-        hub = gateway.relay.PubSubHub(settings.pubsub_url, health_check_seconds=1.0)
-        hub.start()
-        try:
-            async with asyncio.timeout(WAIT_SECONDS):
-                while not hub.connected:
-                    await asyncio.sleep(0.01)
-                subscription = await hub.subscribe([channel], buffer_events=64)
-                assert await subscription.wait_ready(WAIT_SECONDS)
-                publisher = event_bus.turn(ids)
-                for index in range(5):
-                    publisher.delta(f"<{index}>")
-                    publisher.flush()
-                seqs = []
-                while len(seqs) < 5:
-                    item = await subscription.get()
-                    assert isinstance(item, tuple) and item[0] == channel
-                    seqs.append(item[1].seq)
-                return seqs
-        finally:
-            await hub.stop()
+        async with subscribed_hub(settings, channel, health_check_seconds=1.0) as subscription:
+            publisher = event_bus.turn(ids)
+            for index in range(5):
+                publisher.delta(f"<{index}>")
+                publisher.flush()
+            seqs = []
+            while len(seqs) < 5:
+                item = await subscription.get()
+                assert isinstance(item, tuple) and item[0] == channel
+                seqs.append(item[1].seq)
+            return seqs
 
     assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
 
@@ -1738,7 +1752,6 @@ def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
 def test_a_busy_pubsub_connection_is_read_once_per_batch_and_a_quiet_one_at_once(
     event_bus: EventBus,
 ) -> None:
-    import gateway.relay
 
     settings = gateway_settings()
     ids = new_ids()
@@ -1746,34 +1759,25 @@ def test_a_busy_pubsub_connection_is_read_once_per_batch_and_a_quiet_one_at_once
     batch = 0.5
 
     async def scenario() -> tuple[float, float, list[int]]:
-        hub = gateway.relay.PubSubHub(settings.pubsub_url, health_check_seconds=30.0,
-                                      read_batch_seconds=batch)
-        hub.start()
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(WAIT_SECONDS):
-                while not hub.connected:
-                    await asyncio.sleep(0.01)
-                subscription = await hub.subscribe([channel], buffer_events=64)
-                assert await subscription.wait_ready(WAIT_SECONDS)
-                await asyncio.sleep(batch)  # the connection has been quiet for a batch
-                publisher = event_bus.turn(ids)
-                sent = loop.time()
-                publisher.delta("quiet")
+        async with subscribed_hub(settings, channel, health_check_seconds=30.0,
+                                  read_batch_seconds=batch) as subscription:
+            await asyncio.sleep(batch)  # the connection has been quiet for a batch
+            publisher = event_bus.turn(ids)
+            sent = loop.time()
+            publisher.delta("quiet")
+            publisher.flush()
+            first = await subscription.get()
+            first_after = loop.time() - sent
+            for index in range(3):  # a burst right after a read: read together, later
+                publisher.delta(f"<{index}>")
                 publisher.flush()
-                first = await subscription.get()
-                first_after = loop.time() - sent
-                for index in range(3):  # a burst right after a read: read together, later
-                    publisher.delta(f"<{index}>")
-                    publisher.flush()
-                seqs = [first[1].seq]  # type: ignore[index]
-                while len(seqs) < 4:
-                    item = await subscription.get()
-                    assert isinstance(item, tuple)
-                    seqs.append(item[1].seq)
-                return first_after, loop.time() - sent, seqs
-        finally:
-            await hub.stop()
+            seqs = [first[1].seq]  # type: ignore[index]
+            while len(seqs) < 4:
+                item = await subscription.get()
+                assert isinstance(item, tuple)
+                seqs.append(item[1].seq)
+            return first_after, loop.time() - sent, seqs
 
     first_after, burst_after, seqs = asyncio.run(scenario())
 
@@ -1794,9 +1798,6 @@ def test_a_saturated_pubsub_reader_stops_pausing_and_reads_as_messages_come(
     batch = 0.3
 
     async def scenario() -> float:
-        hub = gateway.relay.PubSubHub(settings.pubsub_url, health_check_seconds=30.0,
-                                      read_batch_seconds=batch)
-        hub.start()
         loop = asyncio.get_running_loop()
         publisher = event_bus.turn(ids)
 
@@ -1804,23 +1805,17 @@ def test_a_saturated_pubsub_reader_stops_pausing_and_reads_as_messages_come(
             publisher.delta(text)
             publisher.flush()
 
-        try:
-            async with asyncio.timeout(WAIT_SECONDS):
-                while not hub.connected:
-                    await asyncio.sleep(0.01)
-                subscription = await hub.subscribe([channel], buffer_events=64)
-                assert await subscription.wait_ready(WAIT_SECONDS)
-                await asyncio.sleep(batch)
-                publish("first")
-                await subscription.get()
-                publish("second")  # read after a pause, which the loop overruns:
-                loop.call_soon(time.sleep, 3 * batch)  # a loop with more work than it can do
-                await subscription.get()
-                sent = loop.time()
-                publish("third")
-                await subscription.get()
-                return loop.time() - sent
-        finally:
-            await hub.stop()
+        async with subscribed_hub(settings, channel, health_check_seconds=30.0,
+                                  read_batch_seconds=batch) as subscription:
+            await asyncio.sleep(batch)
+            publish("first")
+            await subscription.get()
+            publish("second")  # read after a pause, which the loop overruns:
+            loop.call_soon(time.sleep, 3 * batch)  # a loop with more work than it can do
+            await subscription.get()
+            sent = loop.time()
+            publish("third")
+            await subscription.get()
+            return loop.time() - sent
 
     assert asyncio.run(scenario()) < batch * 0.8, "a saturated reader does not pause"

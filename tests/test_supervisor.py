@@ -96,15 +96,8 @@ def test_revoking_a_running_turn_from_celery_control_stops_it(
 def test_stopping_a_waiting_turn_ends_it_without_calling_the_backend(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
-    first = make_turn(query="first")
-    waiting = make_turn(conversation_id=first["conversation_id"], query="second")
-    stub.plan(first["message_id"], answer_tokens=60, token_delay=0.03)
-    first_listener = listen(first["message_id"])
-    waiting_listener = listen(waiting["message_id"])
-    submit_turn(first, celery_app=producer_app, settings=celery_worker.settings)
-    wait_for_chunks(first_listener, 1)
-    submit_turn(waiting, celery_app=producer_app, settings=celery_worker.settings)
-    _wait_for_status(celery_worker, waiting["message_id"], "queued")
+    waiting, first_listener, waiting_listener = _a_turn_waiting_behind_another(
+        celery_worker, stub, listen, producer_app, answer_tokens=60, token_delay=0.03)
 
     stop_turn(message_id=waiting["message_id"], **owner_ids(waiting), celery_app=producer_app,
               settings=celery_worker.settings)
@@ -143,15 +136,8 @@ def test_a_stop_from_another_owner_leaves_a_running_turn_to_finish(
 def test_a_stop_from_another_owner_leaves_a_waiting_turn_to_run(
     celery_worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any
 ) -> None:
-    first = make_turn(query="first")
-    waiting = make_turn(conversation_id=first["conversation_id"], query="second")
-    stub.plan(first["message_id"], answer_tokens=30, token_delay=0.02)
-    first_listener = listen(first["message_id"])
-    waiting_listener = listen(waiting["message_id"])
-    submit_turn(first, celery_app=producer_app, settings=celery_worker.settings)
-    wait_for_chunks(first_listener, 1)
-    submit_turn(waiting, celery_app=producer_app, settings=celery_worker.settings)
-    _wait_for_status(celery_worker, waiting["message_id"], "queued")
+    waiting, _, waiting_listener = _a_turn_waiting_behind_another(
+        celery_worker, stub, listen, producer_app, answer_tokens=30, token_delay=0.02)
 
     stop_turn(message_id=waiting["message_id"], **owner_ids(make_turn(user_id="user-2")),
               celery_app=producer_app, settings=celery_worker.settings)
@@ -191,6 +177,24 @@ def test_a_stop_for_an_unknown_task_says_so(celery_worker: RunningWorker,
     with pytest.raises(LookupError, match="no turn is known"):
         stop_turn(task_id="no-such-task", **owner_ids(make_turn()), celery_app=producer_app,
                   settings=celery_worker.settings)
+
+
+def _a_turn_waiting_behind_another(
+    worker: RunningWorker, stub: StubControl, listen: Any, producer_app: Any, *,
+    answer_tokens: int, token_delay: float,
+) -> tuple[dict[str, Any], TurnListener, TurnListener]:
+    """A first turn streaming and a second of its conversation queued behind it: the second,
+    and a listener of each subscribed before it was enqueued."""
+    first = make_turn(query="first")
+    waiting = make_turn(conversation_id=first["conversation_id"], query="second")
+    stub.plan(first["message_id"], answer_tokens=answer_tokens, token_delay=token_delay)
+    first_listener = listen(first["message_id"])
+    waiting_listener = listen(waiting["message_id"])
+    submit_turn(first, celery_app=producer_app, settings=worker.settings)
+    wait_for_chunks(first_listener, 1)
+    submit_turn(waiting, celery_app=producer_app, settings=worker.settings)
+    _wait_for_status(worker, waiting["message_id"], "queued")
+    return waiting, first_listener, waiting_listener
 
 
 def _wait_for_status(worker: RunningWorker, message_id: str, status: str) -> None:
