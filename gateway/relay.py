@@ -132,6 +132,11 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
         self.on_overflow: Callable[[], None] | None = None
+        # The live copies of events the stream holds already (read from its log) are dropped
+        # here, not queued: while pub/sub lags behind the log, a resumed stream would otherwise
+        # count a page of duplicates against its bound and be cut as slow (``held_through``).
+        self._held_channel: str | None = None
+        self._held_through = 0
         # Set while the stream waits with nothing queued and can write a live event itself
         # (``TurnStream._express``): the event is then written, not queued.
         self.express: Callable[[str, TurnEvent], bool] | None = None
@@ -140,7 +145,16 @@ class Subscription:
     def channels(self) -> frozenset[str]:
         return frozenset(self._states)
 
+    def held_through(self, channel: str, seq: int) -> None:
+        """The stream holds every event of ``channel`` up to ``seq``: drop their live copies."""
+        if channel != self._held_channel:
+            self._held_channel, self._held_through = channel, seq
+        elif seq > self._held_through:
+            self._held_through = seq
+
     def deliver(self, channel: str, event: TurnEvent) -> None:
+        if event.seq <= self._held_through and channel == self._held_channel:
+            return
         express = self.express
         if express is not None and not self._items and express(channel, event):
             return
@@ -692,6 +706,8 @@ class TurnStreams:
                     raise StreamRefused(400, "invalid_param",
                                         "resume point past the turn's last event")
                 first_page = state.first_page
+                if first_page:
+                    subscription.held_through(self._channel_for(stream_id), first_page[-1].seq)
                 waits_for_first_event = state.last_seq == 0
             loop = asyncio.get_running_loop()
             stream = TurnStream(
@@ -867,6 +883,8 @@ class TurnStream:
             stream_id = self.route.stream_id
             if self._log_may_hold_more and stream_id is not None:
                 page = await self._log.read_after(stream_id, self.last_seq)
+                if page:
+                    self._subscription.held_through(self._channel_for(stream_id), page[-1].seq)
                 self._log_may_hold_more = len(page) >= self._log.page_size
                 self._backlog.extend(page)
                 continue

@@ -1749,6 +1749,36 @@ def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
     assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
 
 
+def test_live_copies_of_events_a_stream_holds_from_its_log_are_not_queued(
+    event_bus: EventBus,
+) -> None:
+    """A resumed stream that read a page of its log while pub/sub lagged behind would
+    otherwise queue the live copies of that page too, and be cut as slow for them."""
+    settings = gateway_settings()
+    ids = new_ids()
+    channel = settings.channel_for(ids.message_id)
+
+    async def scenario() -> tuple[list[int], bool]:
+        async with subscribed_hub(settings, channel, health_check_seconds=30.0) as subscription:
+            held = 80  # more than the subscription's bound of 64
+            subscription.held_through(channel, held)
+            publisher = event_bus.turn(ids)
+            for index in range(held + 3):
+                publisher.delta(f"<{index}>")
+                publisher.flush()
+            seqs = []
+            while len(seqs) < 3:
+                item = await subscription.get()
+                assert isinstance(item, tuple) and item[0] == channel
+                seqs.append(item[1].seq)
+            return seqs, subscription.overflowed
+
+    seqs, overflowed = asyncio.run(scenario())
+
+    assert not overflowed
+    assert seqs == [81, 82, 83]
+
+
 def test_a_busy_pubsub_connection_is_read_once_per_batch_and_a_quiet_one_at_once(
     event_bus: EventBus,
 ) -> None:
