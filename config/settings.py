@@ -111,10 +111,10 @@ class Settings(BaseSettings):
     # (gateway.sse.DirectWriter); off, every frame goes through the ASGI send.
     gateway_direct_writes: bool = True
     # The pub/sub connection is read at most once per this many milliseconds while messages
-    # keep coming (a quiet connection is read at once): each read then takes many messages,
-    # and the process wakes once for them, not once for every few. Off (0, reads as they come)
-    # by default: near saturation it leaves the backlog in Redis (docs/gateway.md).
-    gateway_read_batch_ms: float = Field(0.0, ge=0, le=50)
+    # keep coming (a quiet connection is read at once, a saturated process reads as it
+    # comes): each read then takes many messages, and the process wakes once for them, not
+    # once for every few. 0 reads every message as it comes (docs/gateway.md).
+    gateway_read_batch_ms: float = Field(2.0, ge=0, le=50)
     gateway_send_timeout_seconds: float = Field(30.0, gt=0)
     gateway_replay_page_size: int = Field(256, gt=0)
     gateway_subscribe_timeout_seconds: float = Field(5.0, gt=0)
