@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -119,6 +121,7 @@ def test_a_dead_workers_messages_are_handed_on_by_exactly_one_survivor(
     assert not redis_client.sismember(WORKERS_KEY, dead)
     assert redis_client.exists(deliveries_key(dead), leases_key(dead)) == 0
     claimer = handed[0][0]
+    assert redis_client.exists(deliveries_key(claimer)) == 0, "nothing left to hand on"
     assert f"turn msg-0 (task task-0) of dead worker {dead} handed on by worker {claimer}" in (
         caplog.text), "the log line names both workers"
     assert REGISTRY.get_sample_value("agent_turn_takeovers_total",
@@ -139,6 +142,56 @@ def test_a_live_workers_messages_are_left_alone(pubsub_client: redis.Redis) -> N
     assert redis_client.hlen(deliveries_key(alive)) == 2
     redis_client.srem(WORKERS_KEY, alive)
     redis_client.delete(alive_key(alive), deliveries_key(alive), leases_key(alive), lease.key)
+
+
+_DIES_MID_HAND_ON = """
+import os, sys, redis
+from worker.takeover import WORKERS_KEY, TakeoverWatcher, alive_key
+
+url, name = sys.argv[1], sys.argv[2]
+client = redis.Redis.from_url(url, socket_timeout=10)
+client.set(alive_key(name), "1", px=1000)  # alive, as its supervisor keeps it, until it dies
+client.sadd(WORKERS_KEY, name)
+
+handed = []
+
+def hand_on(delivery):
+    if handed:
+        os._exit(17)  # killed after it handed one on
+    handed.append(delivery)
+    return True
+
+TakeoverWatcher(client, name, interval=1, hand_on=hand_on,
+                record=lambda message_id, worker: True).scan()
+"""
+
+
+def test_a_survivor_that_dies_mid_hand_on_leaves_the_rest_to_the_next_survivor(
+    pubsub_client: redis.Redis,
+) -> None:
+    redis_client = pubsub_client
+    dead, _, _ = _dead_worker(redis_client, deliveries=3)
+    first = f"survivor-{uuid.uuid4().hex[:6]}"
+    died = subprocess.run([sys.executable, "-c", _DIES_MID_HAND_ON, PUBSUB_URL, first],
+                          cwd=ROOT, timeout=60, capture_output=True, text=True)
+    assert died.returncode == 17, died.stderr
+    left = {json.loads(raw)["id"] for raw in redis_client.hvals(deliveries_key(first))}
+    assert len(left) == 2, "what it had not handed on is left"
+
+    handed: list[tuple[str, str]] = []
+    second = TakeoverWatcher(redis_client, f"survivor-{uuid.uuid4().hex[:6]}", interval=1,
+                             hand_on=lambda delivery: handed.append(
+                                 (delivery.task_id, delivery.tag)) or True,
+                             record=lambda message_id, worker: True)
+    deadline = time.monotonic() + BOUND_SECONDS
+    while redis_client.exists(alive_key(first)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first survivor's alive key lapses: it is dead
+    assert second.scan() == 2
+
+    assert sorted(handed) == [(task, task.replace("task", "tag")) for task in sorted(left)]
+    assert redis_client.exists(deliveries_key(first), deliveries_key(second.worker)) == 0
+    assert not redis_client.sismember(WORKERS_KEY, first)
+    assert not redis_client.sismember(WORKERS_KEY, dead)
 
 
 # Real workers killed and paused ------------------------------------------------------------

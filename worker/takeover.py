@@ -15,9 +15,11 @@ running turns' conversation leases. This module goes by that key.
   acknowledged or rejected, and every lease it holds is in its *leases* hash.
 - A ``TakeoverWatcher`` thread in every worker looks for workers whose alive key lapsed. One
   Lua call claims a dead worker's deliveries (only one survivor gets them), frees its leases
-  and forgets it. Each claimed message goes back to the head of its queue (Redis: the original
-  message, out of kombu's unacked hash, so it is not redelivered again at the visibility
-  timeout; other brokers: a copy under the same task id). Whichever worker takes it finds the
+  and forgets it. The deliveries move into the survivor's own hash until each is handed on,
+  so a survivor that dies in the middle leaves the rest to the next one. Each claimed message
+  goes back to the head of its queue (Redis: the original message, out of kombu's unacked
+  hash, so it is not redelivered again at the visibility timeout; other brokers: a copy under
+  the same task id). Whichever worker takes it finds the
   lease free and re-attaches to the turn's backend run (``worker.turn``), streaming on from
   what the client already has.
 
@@ -81,8 +83,11 @@ def this_worker() -> str | None:
     return _this_worker
 
 
-# KEYS: the workers set, the dead worker's alive key, its deliveries, its leases. ARGV: its name.
-# Returns the claimed deliveries, or false if the worker is alive (or was claimed already).
+# KEYS: the workers set, the dead worker's alive key, its deliveries, its leases, the claiming
+# worker's deliveries. ARGV: the dead worker's name. Returns the claimed deliveries as field,
+# value pairs of the claimer's hash, or false if the worker is alive (or was claimed already).
+# The deliveries move into the claimer's own hash rather than vanish: a claimer that dies
+# before it has handed them all on leaves them there, where the next survivor finds them.
 _CLAIM_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 redis.call('SREM', KEYS[1], ARGV[1])
@@ -91,9 +96,19 @@ for i = 1, #leases, 2 do
   if redis.call('GET', leases[i]) == leases[i + 1] then redis.call('DEL', leases[i]) end
 end
 redis.call('DEL', KEYS[4])
-local held = redis.call('HVALS', KEYS[3])
+local held = redis.call('HGETALL', KEYS[3])
+local claimed = {}
+for i = 1, #held, 2 do
+  local field = held[i]
+  if string.sub(field, 1, 11) ~= 'handing-on:' then
+    field = 'handing-on:' .. ARGV[1] .. ':' .. field
+  end
+  redis.call('HSET', KEYS[5], field, held[i + 1])
+  claimed[#claimed + 1] = field
+  claimed[#claimed + 1] = held[i + 1]
+end
 redis.call('DEL', KEYS[3])
-return held
+return claimed
 """
 
 
@@ -210,11 +225,19 @@ class TakeoverWatcher:
         dead = [name for name, alive in zip(others, pipeline.execute(), strict=True)
                 if not alive]
         handed_on = 0
+        own = deliveries_key(self.worker)
         for name in dead:
             claimed = self._claim(keys=[WORKERS_KEY, alive_key(name), deliveries_key(name),
-                                        leases_key(name)], args=[name])
-            for raw in claimed or []:
+                                        leases_key(name), own], args=[name]) or []
+            for field, raw in zip(claimed[::2], claimed[1::2], strict=True):
                 handed_on += self._take_over(name, Delivery.from_json(raw))
+                # Handed on, or left to the broker's own redelivery: not this worker's to
+                # hand on again. Until here a survivor of this one would have (and if this
+                # fails, will: a second hand-on finds nothing to restore, or is a copy).
+                try:
+                    self._redis.hdel(own, field)
+                except redis.RedisError as exc:
+                    log.warning("could not mark task %s handed on: %s", field, exc)
         return handed_on
 
     def _take_over(self, dead: str, delivery: Delivery) -> int:
