@@ -55,7 +55,7 @@ from tests.conftest import (
 )
 from worker.client import submit_turn
 from worker.ownership import owner_fingerprint, owner_key, refusal_stream
-from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, replay_log_key
+from worker.publisher import EventBus, ReplayLogPolicy, TurnIds, TurnPublisher, replay_log_key
 from worker.questions import answered_key
 
 if TYPE_CHECKING:
@@ -1721,6 +1721,23 @@ async def subscribed_hub(settings: Settings, channel: str,
         await hub.stop()
 
 
+def publish_deltas(publisher: TurnPublisher, count: int) -> None:
+    """``count`` deltas, each published on its own."""
+    for index in range(count):
+        publisher.delta(f"<{index}>")
+        publisher.flush()
+
+
+async def received_seqs(subscription: Subscription, channel: str, count: int) -> list[int]:
+    """The seqs of the next ``count`` events the subscription gets, each from ``channel``."""
+    seqs = []
+    while len(seqs) < count:
+        item = await subscription.get()
+        assert isinstance(item, tuple) and item[0] == channel
+        seqs.append(item[1].seq)
+    return seqs
+
+
 @pytest.mark.parametrize("parser", ["hiredis", "redis-py"])
 def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
     parser: str, event_bus: EventBus, monkeypatch: pytest.MonkeyPatch,
@@ -1735,16 +1752,8 @@ def test_the_pubsub_hub_hands_every_message_to_its_subscribers_in_order(
 
     async def scenario() -> list[int]:
         async with subscribed_hub(settings, channel, health_check_seconds=1.0) as subscription:
-            publisher = event_bus.turn(ids)
-            for index in range(5):
-                publisher.delta(f"<{index}>")
-                publisher.flush()
-            seqs = []
-            while len(seqs) < 5:
-                item = await subscription.get()
-                assert isinstance(item, tuple) and item[0] == channel
-                seqs.append(item[1].seq)
-            return seqs
+            publish_deltas(event_bus.turn(ids), 5)
+            return await received_seqs(subscription, channel, 5)
 
     assert asyncio.run(scenario()) == [1, 2, 3, 4, 5]
 
@@ -1762,16 +1771,8 @@ def test_live_copies_of_events_a_stream_holds_from_its_log_are_not_queued(
         async with subscribed_hub(settings, channel, health_check_seconds=30.0) as subscription:
             held = 80  # more than the subscription's bound of 64
             subscription.held_through(channel, held)
-            publisher = event_bus.turn(ids)
-            for index in range(held + 3):
-                publisher.delta(f"<{index}>")
-                publisher.flush()
-            seqs = []
-            while len(seqs) < 3:
-                item = await subscription.get()
-                assert isinstance(item, tuple) and item[0] == channel
-                seqs.append(item[1].seq)
-            return seqs, subscription.overflowed
+            publish_deltas(event_bus.turn(ids), held + 3)
+            return await received_seqs(subscription, channel, 3), subscription.overflowed
 
     seqs, overflowed = asyncio.run(scenario())
 
