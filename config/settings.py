@@ -79,8 +79,9 @@ class Settings(BaseSettings):
     question_sweep_seconds: float = Field(2.0, gt=0)
     max_output_tokens: int = Field(16_384, gt=0)
 
-    # Publishing: the first delta of a turn goes out at once, later ones are coalesced until the
-    # window has passed or the buffer holds this many characters.
+    # Publishing: a turn publishes at most one event per window (its first answer text at once).
+    # A delta that comes after the window since the last event goes out at once; one that comes
+    # sooner waits for the window to pass or the buffer to hold this many characters.
     coalesce_window_ms: float = Field(40.0, ge=0)
     coalesce_max_chars: int = Field(512, gt=0)
     # Publish round trips a worker process keeps in flight at once (worker/publisher.py,

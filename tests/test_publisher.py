@@ -215,6 +215,26 @@ def test_buffered_text_is_flushed_after_the_window_without_another_delta(
     assert waited >= window * 0.9
 
 
+def test_a_delta_after_a_quiet_spell_longer_than_the_window_goes_out_at_once(
+    make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
+) -> None:
+    ids = new_ids()
+    channel = subscribe(ids)
+    window = 0.4
+    publisher = make_bus(window_ms=window * 1000).turn(ids)
+
+    publisher.delta("First.")
+    channel.next(timeout=2.0)
+    assert channel.quiet_for(window + 0.1) == []  # the model is slower than the window
+    sent_at = time.monotonic()
+    publisher.delta(" Second.")
+    second = channel.next(timeout=2.0)
+    waited = time.monotonic() - sent_at
+
+    assert (second["answer"], second["seq"]) == (" Second.", 2)
+    assert waited < window / 2, f"waited {waited:.3f} s for a window that had passed"
+
+
 def test_a_window_of_zero_publishes_every_delta(
     make_bus: Callable[..., EventBus], subscribe: Callable[[TurnIds], Channel],
 ) -> None:

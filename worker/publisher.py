@@ -6,10 +6,12 @@ in the shape of Dify's chat streaming frames (docs/contract.md). Two properties 
 - ``seq`` counts 1, 2, 3 … per turn with no gaps, across retries and worker processes: a server
   side counter is incremented in the same Lua call that publishes, so a number is never skipped
   or reused, whichever process publishes next.
-- Deltas are coalesced: the first delta of a turn goes out at once (time to first token is what a
-  user notices); later ones wait until ``window`` has passed or ``max_chars`` are buffered. The
-  window is kept by one ``FlushScheduler`` thread per process, so a model that pauses mid-answer
-  does not hold buffered text back until its next token.
+- Deltas are coalesced: a turn publishes at most one event per ``window`` (plus its first
+  answer text, which goes out at once: time to first token is what a user notices). A delta
+  that comes when the window since the turn's last event has passed goes out at once; one that
+  comes sooner waits until it has passed, or until ``max_chars`` are buffered. The waits are
+  kept by one ``FlushScheduler`` thread per process, so a model that pauses mid-answer does not
+  hold buffered text back until its next token.
 
 Pub/sub alone is at-most-once: a subscriber that connects late, or reconnects, misses what went
 before. So every message is also appended to the turn's replay log, a Redis Stream whose entry
@@ -674,7 +676,8 @@ class TurnPublisher:
     Answer deltas and step updates wait in one ordered queue, so they go out in the order the
     run produced them: consecutive deltas are joined into one ``agent_message``, and
     consecutive updates of one step keep only the newest (a client replaces the step it holds
-    by ``id``). The first item of a turn goes out at once; later ones within the window.
+    by ``id``). An item goes out at once when the window since the turn's last event has
+    passed, else when it does.
     """
 
     def __init__(self, bus: EventBus, ids: TurnIds) -> None:
@@ -685,7 +688,8 @@ class TurnPublisher:
         self._pending: list[list[str] | dict[str, Any]] = []
         self._buffered_chars = 0
         self._flush_pending = False
-        self._first_sent = False
+        # Until when the window since the turn's last published event runs (0: none yet).
+        self._quiet_after = 0.0
         self._first_text_sent = False
         self._failure: EventBusUnavailable | TurnTakenOver | None = None
         # The lease this turn's copy holds while it runs: its events go out only while it does.
@@ -771,14 +775,20 @@ class TurnPublisher:
             self._flush_pending = False
 
     def _schedule_locked(self, *, at_once: bool = False) -> None:
+        """Send now if the window since the turn's last event has passed, else once it has.
+
+        The window bounds how often a turn publishes; it is not a delay. A token that comes
+        after a quiet spell longer than the window (a model at 5 tokens/s against 40 ms) goes
+        out from the reading thread at once, without the timer's hand-off and its wait.
+        """
         window = self._bus._window
-        if at_once or not self._first_sent or window <= 0 \
+        now = time.monotonic()
+        if at_once or window <= 0 or now >= self._quiet_after \
                 or self._buffered_chars >= self._bus._max_chars:
-            self._first_sent = True
             self._flush_locked()
         elif not self._flush_pending:
             self._flush_pending = True
-            self._bus.scheduler.call_at(time.monotonic() + window, self._flush_from_timer)
+            self._bus.scheduler.call_at(self._quiet_after, self._flush_from_timer)
 
     def _flush_from_timer(self) -> None:
         with self._lock:
@@ -811,6 +821,7 @@ class TurnPublisher:
         now = time.monotonic()
         refresh = now >= self._ttl_fresh_until
         self._bus.publish(self.ids, event, fields, self.fence, refresh_ttl=refresh)
+        self._quiet_after = now + self._bus._window
         if refresh:
             self._ttl_fresh_until = now + self._bus.replay_log.ttl_seconds / 4
 
