@@ -83,7 +83,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                         RESUME_TASK_NAME: {"queue": settings.queue}},
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_track_started": True,
+        # No STARTED result write: it cost every turn a read and a write of the result backend
+        # (two round trips, five commands) before its run could be created. Flower shows a turn
+        # started from its task-started event; the backend state goes PENDING, then STREAMING
+        # with progress at the first chunk (worker/progress.py), then the final state.
+        "task_track_started": False,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         # Turns are long and I/O bound: a worker takes one message per free slot, so a busy
