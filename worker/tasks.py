@@ -33,7 +33,7 @@ from config.celery import (
 )
 from config.settings import Settings, get_settings
 from worker import metrics
-from worker.app import app
+from worker.app import app, task_event_dispatcher
 from worker.composition import CompositionTemplateError, load_template
 from worker.errors import (
     AgentBackendError,
@@ -433,8 +433,10 @@ class StreamingState:
     backend (``AsyncResult.state``/``.info``) and a ``task-streaming`` event, which Flower's task
     view shows live (it turns a custom event type into the task's state).
 
-    Called by the process's one ``ProgressReporter`` thread, so one event dispatcher (a
-    producer on the broker) serves every report instead of one built per report.
+    Called by the process's one ``ProgressReporter`` thread. The event goes out with the
+    worker's own task events (``task_event_dispatcher``), in order with them; without a running
+    consumer, one dispatcher of its own (a producer on the broker) serves every report instead
+    of one built per report.
     """
 
     def __init__(self, hostname: str) -> None:
@@ -443,6 +445,12 @@ class StreamingState:
 
     def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
         run_turn_task.backend.store_result(task_id, progress, STREAMING)
+        consumers = task_event_dispatcher()
+        if consumers is not None:
+            # After the task's own task-received and task-started, which a green worker sends
+            # in batches: sent apart, Flower could see the progress before the task started.
+            consumers.send("task-streaming", uuid=task_id, **progress)
+            return
         if self._dispatcher is None:
             self._dispatcher = app.events.Dispatcher(app.connection_for_write(),
                                                      hostname=self._hostname)
