@@ -25,7 +25,7 @@ class EventTap:
         self.batches = 0
         self._changed = threading.Condition()
         self._app = app
-        self._stop = threading.Event()
+        self._receiver: Any = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> EventTap:
@@ -40,7 +40,8 @@ class EventTap:
         return self
 
     def __exit__(self, *_: Any) -> None:
-        self._stop.set()
+        if self._receiver is not None:
+            self._receiver.should_stop = True
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
@@ -59,13 +60,11 @@ class EventTap:
                 return original(body, message)
 
             receiver._receive = counting
-            while not self._stop.is_set():
-                try:
-                    for _ in receiver.consume(limit=None, timeout=0.5, safety_interval=0.25):
-                        if self._stop.is_set():
-                            break
-                except TimeoutError:
-                    continue
+            self._receiver = receiver
+            # One consumer for the whole test: a consumer started again would miss what was
+            # published while it resubscribed. It checks ``should_stop`` every quarter second.
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.25):
+                pass
 
     def wait_for(self, task_ids: list[str], kinds: tuple[str, ...], timeout: float) -> None:
         deadline = time.monotonic() + timeout
