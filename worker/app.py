@@ -115,7 +115,6 @@ def task_event_dispatcher() -> Any:
     return _task_events
 
 
-
 class TaskEventBatches(bootsteps.StartStopStep):
     """Send a green worker's task events in batches, and any other pool's one by one.
 
@@ -227,8 +226,6 @@ class RestoreUnacknowledgedTurns(bootsteps.StartStopStep):
         self._timer_entry = parent.timer.call_repeatedly(interval, restore)
 
     def stop(self, parent: Any) -> None:
-        global _task_events
-        _task_events = None
         if self._timer_entry is not None:
             self._timer_entry.cancel()
             self._timer_entry = None

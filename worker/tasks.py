@@ -445,11 +445,11 @@ class StreamingState:
 
     def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
         run_turn_task.backend.store_result(task_id, progress, STREAMING)
-        consumers = task_event_dispatcher()
-        if consumers is not None:
+        dispatcher = task_event_dispatcher()
+        if dispatcher is not None:
             # After the task's own task-received and task-started, which a green worker sends
             # in batches: sent apart, Flower could see the progress before the task started.
-            consumers.send("task-streaming", uuid=task_id, **progress)
+            dispatcher.send("task-streaming", uuid=task_id, **progress)
             return
         if self._dispatcher is None:
             self._dispatcher = app.events.Dispatcher(app.connection_for_write(),
