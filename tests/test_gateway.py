@@ -303,7 +303,9 @@ def test_two_hundred_concurrent_clients_all_get_the_identical_stream(
     gateway: RunningGateway,
 ) -> None:
     turn = make_turn(query="many readers")
-    stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.01)
+    # Long enough (3 s) for the late hundred to connect while it streams: a client that
+    # connects after the end reads the compacted log, a shorter stream with the same answer.
+    stub.plan(turn["message_id"], answer_tokens=60, token_delay=0.05)
     listener = listen(turn["message_id"])
     token = gateway.token(turn["message_id"])
     url = gateway.events_url(turn["message_id"])
