@@ -239,6 +239,28 @@ def test_undecodable_json_is_a_protocol_violation() -> None:
     assert error.message.startswith("undecodable event frame: ")
 
 
+@pytest.mark.parametrize("raw", [
+    frame(data=text_part_delta("x"), agent_message_delta="\ud800"),
+    '{"id":"1-0","type":"pydantic_ai_event","data":{},"agent_message_delta":"a\\udc80b"}',
+    '{"id":"1-0","type":"pydantic_ai_event","data":{"n":NaN}}',
+    '{"id":"1-0","type":"run_succeeded","data":{"output":"x","usage":{"n":Infinity}}}',
+])
+def test_a_frame_that_is_not_json_of_unicode_text_is_a_protocol_violation(raw: str) -> None:
+    # A lone surrogate escape decodes to no Unicode character, and NaN and Infinity are not
+    # JSON: refused here instead of failing later wherever the text is written out.
+    assert violation(raw).message.startswith("undecodable event frame: ")
+
+
+def test_the_terminal_events_snapshot_keeps_integers_beyond_64_bits_exactly() -> None:
+    big = 2**70 + 1
+    data = {"output": "x", "session_snapshot": {"schema_version": 1, "counter": big}}
+
+    event = parse_event(frame("run_succeeded", data), RUN_ID)
+
+    assert event is not None
+    assert event.data["session_snapshot"]["counter"] == big
+
+
 @pytest.mark.parametrize("raw", ["[]", '"run_started"', "42", "null", "true"])
 def test_non_object_frame_is_a_protocol_violation(raw: str) -> None:
     assert violation(raw).message == "event frame is not a JSON object"

@@ -13,7 +13,6 @@ The wire contract is ../shared/agent-protocol.md. Two promises matter to the tur
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
+from worker import fastjson
 from worker.errors import (
     AgentBackendError,
     BackendUnavailable,
@@ -95,9 +95,13 @@ def parse_event(raw_data: str, run_id: str) -> RunEvent | None:
     progress event does not break every turn; everything the worker relies on is checked.
     """
     try:
-        envelope = json.loads(raw_data)
+        envelope = fastjson.decode(raw_data)
     except ValueError as exc:
         raise ProtocolViolation(f"undecodable event frame: {exc}", run_id=run_id) from None
+    if isinstance(envelope, dict) and isinstance(envelope.get("type"), str) \
+            and envelope["type"] in TERMINAL_EVENT_TYPES:
+        # The terminal event carries the session snapshot that is saved: every digit counts.
+        envelope = fastjson.decode_exact(raw_data)
     if not isinstance(envelope, dict):
         raise ProtocolViolation("event frame is not a JSON object", run_id=run_id)
     event_id, event_type, data = envelope.get("id"), envelope.get("type"), envelope.get("data")

@@ -40,6 +40,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from config.settings import Settings, get_settings
+from worker import fastjson
 from worker.errors import EventBusUnavailable, TurnTakenOver
 from worker.locks import Lease
 from worker.ownership import owner_key
@@ -609,7 +610,7 @@ class EventBus:
             "created_at": int(time.time()),
             **fields,
         }
-        body = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+        body = fastjson.encode(message)
         policy = self.replay_log
         log_ttl = policy.ttl_after_end_seconds if event in TERMINAL_EVENTS else policy.ttl_seconds
         # The counter must outlive the log: entry ids are seqs and must keep growing.
@@ -648,14 +649,14 @@ class EventBus:
 
 
     @staticmethod
-    def _summary(end: dict[str, Any]) -> str:
+    def _summary(end: dict[str, Any]) -> bytes:
         """The ``message_replace`` that stands for a finished turn's text in its compacted log,
         without its seq and closing brace (the script adds them)."""
         summary = {"event": "message_replace",
                    **{name: end[name] for name in ("id", "task_id", "message_id",
                                                    "conversation_id", "created_at")},
                    "answer": end["answer"]}
-        return json.dumps(summary, ensure_ascii=False, separators=(",", ":"))[:-1]
+        return fastjson.encode(summary)[:-1]
 
 
 def _index_kind(event: str, fields: dict[str, Any]) -> str:
