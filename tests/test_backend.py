@@ -138,6 +138,21 @@ def test_a_create_refused_by_the_backend_is_run_rejected(
     assert str(status) in caught.value.message and "nope" in caught.value.message
 
 
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_create_answered_with_a_redirect_is_run_rejected_not_followed(
+    client: AgentBackendClient, stub: StubControl, settings: Settings, status: int,
+) -> None:
+    message_id, body = run_request(settings)
+    stub.plan(message_id, create=[{"status": status, "body": {"detail": "moved"}}])
+
+    with pytest.raises(RunRejected) as caught:
+        client.create_run(body, message_id=message_id)
+
+    assert not caught.value.retryable
+    assert f"HTTP {status} (redirects are not followed)" in caught.value.message
+    assert stub.create_calls(message_id) == 1
+
+
 def test_a_body_the_backend_cannot_validate_is_run_rejected(
     client: AgentBackendClient, stub: StubControl, settings: Settings,
 ) -> None:
