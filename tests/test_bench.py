@@ -48,6 +48,7 @@ from bench.readers import PatternSubscriber, follow_stream, read_direct, stagger
 from bench.relay import Relay
 from bench.relay import main as relay_main
 from bench.stream_path import main as stream_path_main
+from bench.turn_costs import main as turn_costs_main
 from bench.wakeup import main as wakeup_main
 from bench.wakeup import measure, table
 from config.settings import Settings
@@ -259,6 +260,37 @@ def test_the_stream_path_probe_reads_and_publishes_every_token(tmp_path: Path) -
         assert row["cpu_us_per_event"] > 0
         assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
     assert f"| publish | 3 | {rows[1]['events']} |" in done.stdout
+
+
+def test_the_turn_costs_probe_charges_each_stage_of_real_turns(tmp_path: Path) -> None:
+    figures = tmp_path / "costs.json"
+
+    # Its own process: the probe patches the standard library for gevent, as the worker does.
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.turn_costs", "--turns", "3", "--answer-tokens", "2",
+         "--token-delay", "0.01", "--json", str(figures)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    costs = json.loads(figures.read_text())
+    stages = costs["stages_ms_per_turn"]
+    assert {"database", "backend call", "publishing", "opening the event stream"} <= set(stages)
+    assert all(ms > 0 for ms in stages.values())
+    assert sum(stages.values()) < costs["cpu_ms_per_turn"]
+    # Every turn made its writes and round trips: 4 transactions, a create, a published end.
+    assert costs["sql_per_turn"]["commits"] == 4
+    assert costs["calls_per_turn"]["backend call: create_run"] == 1
+    assert costs["calls_per_turn"]["publishing: end"] == 1
+    assert costs["redis_commands_per_turn"]["evalsha"] >= 3
+    assert "| **whole turn** |" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["--turns", "0"], ["--answer-tokens", "0"],
+                                  ["--token-delay", "-1"]])
+def test_the_turn_costs_probe_refuses_bad_options(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        turn_costs_main(argv, run=lambda **_: pytest.fail("must not run"))
+    assert exited.value.code == 2
 
 
 @pytest.mark.parametrize("argv", [["--modes", "read,teleport"], ["--turns", "0"]])
