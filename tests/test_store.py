@@ -8,7 +8,9 @@ and the answer together or not at all.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from tests.conftest import POSTGRES_ADMIN_URL, new_postgres_schema
 from worker.errors import (
     AgentBackendError,
     HumanInputRefused,
@@ -437,6 +441,52 @@ def test_create_schema_on_an_unreachable_database_is_store_unavailable() -> None
     try:
         with pytest.raises(TurnStoreUnavailable):
             SessionStore(engine).create_schema()
+    finally:
+        engine.dispose()
+
+
+# A PostgreSQL connection that died in the pool --------------------------------------------
+
+
+def _kill_the_pooled_connection(engine: Any) -> None:
+    """Terminate the server side of the one connection in ``engine``'s pool, as a PostgreSQL
+    restart does, and wait (bounded) until the server has let it go."""
+    with engine.connect() as connection:
+        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            assert connection.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                      {"pid": pid}).scalar_one()
+            deadline = time.monotonic() + 10
+            while connection.execute(text("SELECT count(*) FROM pg_stat_activity "
+                                          "WHERE pid = :pid"), {"pid": pid}).scalar_one():
+                assert time.monotonic() < deadline, "the terminated backend did not go away"
+                time.sleep(0.01)
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    url, drop = new_postgres_schema()
+    yield url
+    drop()
+
+
+def test_a_pooled_postgresql_connection_that_died_is_replaced_before_use(
+    postgres_url: str,
+) -> None:
+    # As after a PostgreSQL restart: the pool's connection is dead on the server side. The
+    # check at checkout (pool_pre_ping) finds it, the pool opens a new one, and the turn's
+    # transaction never sees the outage.
+    engine = make_engine(postgres_url, pool_size=1)
+    try:
+        store = SessionStore(engine)
+        store.create_schema()
+        _kill_the_pooled_connection(engine)
+
+        store.claim(new_message())
     finally:
         engine.dispose()
 
