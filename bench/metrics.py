@@ -27,12 +27,19 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import resource
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 END_EVENTS = frozenset({"message_end", "error"})
+
+
+def process_cpu_seconds() -> float:
+    """User and system CPU of this process so far (its threads and greenlets included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

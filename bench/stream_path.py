@@ -22,7 +22,6 @@ if __name__ == "__main__":  # before anything imports socket, ssl or threading
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
     import redis
 
     from bench.load import fetch_timelines, run_requests
-    from bench.metrics import percentile
+    from bench.metrics import percentile, process_cpu_seconds
     from config.settings import Settings
     from worker.backend import AgentBackendClient
     from worker.publisher import EventBus, TurnIds
@@ -81,10 +80,10 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
 
     bodies = run_requests(settings, [f"path-{uuid.uuid4().hex[:8]}" for _ in range(turns)])
     run_ids = {key: backend.create_run(body, message_id=key) for key, body in bodies.items()}
-    cpu_before = _cpu_seconds()
+    cpu_before = process_cpu_seconds()
     greenlets = [gevent.spawn(follow, key, run_id) for key, run_id in run_ids.items()]
     gevent.joinall(greenlets, timeout=300)
-    cpu = _cpu_seconds() - cpu_before
+    cpu = process_cpu_seconds() - cpu_before
     failures += [f"{g}: {g.exception!r}" for g in greenlets if g.exception is not None]
     failures += [f"{g}: still running" for g in greenlets if not g.ready()]
     gevent.killall([g for g in greenlets if not g.ready()], timeout=5)
@@ -109,10 +108,6 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
         failures=len(failures),
     )
 
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def table(rows: Sequence[PathFigures]) -> str:

@@ -29,13 +29,14 @@ import collections
 import functools
 import json
 import os
-import resource
 import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.metrics import process_cpu_seconds
 
 # (label, object path on the services, method names): the stages a turn's CPU is charged to.
 STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -48,10 +49,6 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 PUBLISHER_METHODS = ("delta", "step", "flush", "replace", "end", "event", "error")
 
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class StageClock:
@@ -71,11 +68,11 @@ class StageClock:
                 return method(*args, **kwargs)
             self._depth += 1
             self.calls[f"{stage}: {name}"] += 1
-            started = _cpu_seconds()
+            started = process_cpu_seconds()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.seconds[stage] += _cpu_seconds() - started
+                self.seconds[stage] += process_cpu_seconds() - started
                 self._depth -= 1
 
         setattr(owner, name, timed)
@@ -153,10 +150,10 @@ def _measure(turns: int, redis_url: str) -> dict[str, Any]:
     statements.clear()
     admin = redis.Redis.from_url(f"{redis_url}/0")
     before = admin.info("commandstats")
-    started = _cpu_seconds()
+    started = process_cpu_seconds()
     for _ in range(turns):
         one_turn()
-    total = _cpu_seconds() - started
+    total = process_cpu_seconds() - started
     after = admin.info("commandstats")
     commands = {name.removeprefix("cmdstat_"): after[name]["calls"]
                 - before.get(name, {"calls": 0})["calls"] for name in after}

@@ -243,14 +243,18 @@ def test_the_relay_refuses_bodies_that_are_not_an_object(tmp_path: Path) -> None
     assert exited.value.code == 2
 
 
+def run_gevent_probe(module: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """A probe in its own process: it patches the standard library for gevent, as the worker
+    does, so it cannot run in the test's."""
+    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+
+
 def test_the_stream_path_probe_reads_and_publishes_every_token(tmp_path: Path) -> None:
     figures = tmp_path / "path.json"
 
-    # Its own process: the probe patches the standard library for gevent, as the worker does.
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.stream_path", "--turns", "3", "--answer-tokens", "5",
-         "--token-delay", "0.02", "--json", str(figures)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    done = run_gevent_probe("bench.stream_path", "--turns", "3", "--answer-tokens", "5",
+                            "--token-delay", "0.02", "--json", str(figures))
 
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(figures.read_text())
@@ -265,11 +269,8 @@ def test_the_stream_path_probe_reads_and_publishes_every_token(tmp_path: Path) -
 def test_the_turn_costs_probe_charges_each_stage_of_real_turns(tmp_path: Path) -> None:
     figures = tmp_path / "costs.json"
 
-    # Its own process: the probe patches the standard library for gevent, as the worker does.
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.turn_costs", "--turns", "3", "--answer-tokens", "2",
-         "--token-delay", "0.01", "--json", str(figures)],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    done = run_gevent_probe("bench.turn_costs", "--turns", "3", "--answer-tokens", "2",
+                            "--token-delay", "0.01", "--json", str(figures))
 
     assert done.returncode == 0, done.stdout + done.stderr
     costs = json.loads(figures.read_text())
