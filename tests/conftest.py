@@ -379,10 +379,10 @@ class RunningWorker:
 
 
 def start_worker(settings: Settings, log_path: Path, hostname: str,
-                 *extra_args: str) -> subprocess.Popen[bytes]:
+                 *extra_args: str, pool: str = WORKER_POOL) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings_env(settings), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-               "--pool", WORKER_POOL, "--concurrency", str(settings.worker_concurrency),
+               "--pool", pool, "--concurrency", str(settings.worker_concurrency),
                "--queues", settings.queue, "--hostname", hostname, "--loglevel", "INFO",
                "--without-mingle", "--without-gossip", *extra_args]
     with log_path.open("wb") as log_file:
@@ -578,7 +578,8 @@ def start_gateway(settings: Settings, folder: Path) -> RunningGateway:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a service; ``cut`` makes the service unreachable for a while.
+    """Forwards 127.0.0.1:<port> to a service; ``cut`` makes the service unreachable for a while,
+    ``reply_delay`` (seconds) makes each of its replies late.
 
     While cut, open connections are closed and new ones are accepted and closed at once, so
     clients see the resets and refusals a blinking network gives, not a hang.
@@ -593,6 +594,7 @@ class TcpProxy:
         self._cut_until = 0.0
         self._closed = False
         self._lose_reply = threading.Event()
+        self.reply_delay = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def lose_next_reply(self) -> None:
@@ -639,6 +641,8 @@ class TcpProxy:
                 if replies and self._lose_reply.is_set():
                     self._lose_reply.clear()
                     break
+                if replies and self.reply_delay:
+                    time.sleep(self.reply_delay)  # a slow service, not a wait on the test
                 target.sendall(chunk)
         except OSError:
             pass

@@ -7,6 +7,7 @@ behind basic auth; a revoke from Flower stops a running turn as ``stop_turn`` do
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 import uuid
@@ -21,9 +22,14 @@ import requests
 from config.celery import QUERY_REPR_CHARS, turn_kwargsrepr
 from config.settings import Settings
 from tests.conftest import (
+    PUBSUB_DB,
+    REDIS_HOST,
+    REDIS_PORT,
+    RESULT_DB,
     ROOT,
     RunningWorker,
     StubControl,
+    TcpProxy,
     answer_of,
     assert_single_end,
     base_settings,
@@ -31,6 +37,8 @@ from tests.conftest import (
     make_turn,
     owner_ids,
     settings_env,
+    sqlite_url,
+    start_worker,
     stop_worker,
 )
 from tests.test_supervisor import SLOW, _wait_for_status, wait_for_chunks
@@ -248,6 +256,60 @@ def test_revoking_a_waiting_turn_from_flower_ends_it_without_calling_the_backend
     assert assert_single_end(first_listener.wait_for_end(), "message_end")["status"] == \
         "succeeded"
     flower.task_when(sent.task_id, lambda info: info["state"] == "REVOKED")
+
+
+@on_sqlite_worker
+def test_a_revoke_that_lands_while_a_waiting_turn_checks_its_conversation_shows_revoked(
+    flower: RunningFlower, stub: StubControl, listen: Any, producer_app: Any, tmp_path: Path
+) -> None:
+    """The revoke lands mid-attempt, so the attempt's retry races it: the retry's own message is
+    discarded as revoked (``task-revoked``, the turn ends), and Celery sends the attempt's
+    ``task-retried`` after that. Flower and the result backend must still end on REVOKED, and
+    the turn end once, stopped.
+
+    The worker's bus and result backend are reached through a proxy whose replies are made
+    late: that holds an attempt in its lease check while the revoke lands (the revoke's reply
+    says it has), and makes the attempt's retry bookkeeping end well after the discarded
+    message's ``task-revoked``, the order in which the race is lost. The broker is direct."""
+    redis_proxy = TcpProxy(REDIS_PORT)
+    settings = base_settings(
+        database_url=sqlite_url(tmp_path), backend_url=stub.url,
+        pubsub_url=f"redis://{REDIS_HOST}:{redis_proxy.port}/{PUBSUB_DB}",
+        result_backend=f"redis://{REDIS_HOST}:{redis_proxy.port}/{RESULT_DB}",
+        queue=f"agent_turns_race_{uuid.uuid4().hex[:8]}")
+    hostname = f"race-{os.getpid()}@{socket.gethostname()}"
+    process = start_worker(settings, tmp_path / "worker.log", hostname, pool="threads")
+    try:
+        first = make_turn(query="first")
+        waiting = make_turn(conversation_id=first["conversation_id"], query="second")
+        stub.plan(first["message_id"], answer_tokens=200, token_delay=0.03)
+        first_listener = listen(first["message_id"])
+        waiting_listener = listen(waiting["message_id"])
+        submit_turn(first, celery_app=producer_app, settings=settings)
+        wait_for_chunks(first_listener, 1)
+        sent = submit_turn(waiting, celery_app=producer_app, settings=settings)
+        flower.task_when(sent.task_id, lambda info: info["state"] == "RETRY")
+
+        redis_proxy.reply_delay = 0.3
+        slowed_at = time.time()  # the worker's task events carry the same clock
+        flower.task_when(sent.task_id, lambda info: (info.get("started") or 0) > slowed_at)
+        replies = producer_app.control.revoke(sent.task_id, reply=True, timeout=5,
+                                              destination=[hostname])
+        assert [next(iter(reply)) for reply in replies] == [hostname], replies
+
+        flower.task_when(sent.task_id, lambda info: info["state"] == "REVOKED"
+                         and (info.get("retried") or 0) > slowed_at)
+        redis_proxy.reply_delay = 0.0
+        end = assert_single_end(waiting_listener.wait_for_end(), "message_end")
+        assert (end["status"], end["answer"]) == ("stopped", "")
+        assert stub.create_calls(waiting["message_id"]) == 0
+        assert producer_app.AsyncResult(sent.task_id).state == "REVOKED"
+        assert assert_single_end(first_listener.wait_for_end(), "message_end")["status"] == \
+            "succeeded"
+    finally:
+        stop_worker(process)
+        redis_proxy.close()
+        stop_worker(process)
 
 @on_sqlite_worker
 def test_a_turn_that_waited_for_its_conversation_still_shows_only_ids(

@@ -23,6 +23,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from celery.signals import task_revoked, worker_init, worker_ready
 from celery.worker.request import Request
+from celery.worker.state import revoked as revoked_tasks
 
 from config.celery import (
     RESUME_TASK_NAME,
@@ -157,6 +158,22 @@ class TurnRequest(Request):
                      self.id)
             return
         super().terminate(pool, signal)
+
+    def on_retry(self, exc_info: Any) -> None:
+        """Send ``task-retried``, then ``task-revoked`` again if a revoke landed meanwhile.
+
+        A revoke that lands while an attempt runs (a waiting turn checks its conversation every
+        half second) races Celery's retry: the retry's new message is published first, and the
+        worker discards it as revoked (``task-revoked``, the turn ends as stopped) before this
+        attempt's ``task-retried`` goes out. Flower and the result backend take the last word,
+        so the task would show RETRY for good (celery/celery#6793 is the same race). Saying
+        REVOKED again after the retry makes the last word the true one, whichever came first.
+        """
+        super().on_retry(exc_info)
+        if self.id in revoked_tasks:
+            self.send_event("task-revoked", terminated=False, signum=None, expired=False)
+            self.task.backend.mark_as_revoked(self.id, "revoked", request=self._context,
+                                              store_result=self.store_errors)
 
     def acknowledge(self) -> None:
         super().acknowledge()
