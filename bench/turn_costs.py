@@ -47,6 +47,8 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("stop flag (redis), supervisor", "supervisor", ("stop_requested", "register", "unregister")),
     ("redis: conversation lease", "locks", ("acquire", "release", "holds")),
 )
+# Turns run, after the timed ones, to count a PostgreSQL store's round trips.
+ROUND_TRIP_TURNS = 20
 PUBLISHER_METHODS = ("delta", "step", "flush", "replace", "end", "event", "error")
 
 
@@ -97,13 +99,37 @@ def measure(*, turns: int, answer_tokens: int, token_delay: float,
                 "AGENT_TURN_BROKER_URL": f"{redis_url}/1",
                 "AGENT_TURN_RESULT_BACKEND": f"{redis_url}/2",
                 "AGENT_TURN_DATABASE_URL": database_url or f"sqlite:///{folder / 'turns.sqlite3'}"})
-            return _measure(turns, redis_url)
+            return _measure(turns, redis_url, folder)
         finally:
             stub.stop()
             redis_child.stop()
 
 
-def _measure(turns: int, redis_url: str) -> dict[str, Any]:
+class RoundTrips:
+    """Counts a PostgreSQL engine's round trips exactly: libpq traces each connection's protocol
+    messages to a file, and every round trip ends with the server's ``ReadyForQuery``. That
+    includes what no SQLAlchemy event shows: each transaction's ``BEGIN``, and pings.
+    """
+
+    def __init__(self, engine: Any, folder: Path) -> None:
+        from sqlalchemy import event as sql_event
+
+        self._folder = folder
+        self._files: list[Any] = []
+        engine.dispose()  # connections made before now would not be traced
+        sql_event.listen(engine, "connect", self._trace)
+
+    def _trace(self, dbapi_connection: Any, _record: Any) -> None:
+        trace = (self._folder / f"libpq-{len(self._files)}.trace").open("w")
+        self._files.append(trace)
+        dbapi_connection.pgconn.trace(trace.fileno())
+
+    def count(self) -> int:
+        return sum(Path(trace.name).read_text().count("\tReadyForQuery\t")
+                   for trace in self._files)
+
+
+def _measure(turns: int, redis_url: str, folder: Path) -> dict[str, Any]:
     import redis
     from sqlalchemy import event as sql_event
 
@@ -154,6 +180,16 @@ def _measure(turns: int, redis_url: str) -> dict[str, Any]:
     for _ in range(turns):
         one_turn()
     total = process_cpu_seconds() - started
+    sql_per_turn = {name: n / turns for name, n in statements.items()}
+    if services.store.engine.dialect.name == "postgresql":
+        # Counted apart from the timed turns: tracing costs CPU of its own.
+        round_trips = RoundTrips(services.store.engine, folder)
+        for _ in range(6):  # not a turn's: a new connection's set-up, and psycopg preparing
+            one_turn()      # each statement on its sixth use (two round trips, once)
+        before_trips = round_trips.count()
+        for _ in range(ROUND_TRIP_TURNS):
+            one_turn()
+        sql_per_turn["round trips"] = (round_trips.count() - before_trips) / ROUND_TRIP_TURNS
     after = admin.info("commandstats")
     commands = {name.removeprefix("cmdstat_"): after[name]["calls"]
                 - before.get(name, {"calls": 0})["calls"] for name in after}
@@ -166,7 +202,7 @@ def _measure(turns: int, redis_url: str) -> dict[str, Any]:
         "calls_per_turn": {call: n / turns for call, n in sorted(clock.calls.items())},
         "redis_commands_per_turn": {name: n / turns for name, n in
                                     sorted(commands.items(), key=lambda kv: -kv[1]) if n},
-        "sql_per_turn": {name: n / turns for name, n in statements.items()},
+        "sql_per_turn": sql_per_turn,
     }
 
 
@@ -183,7 +219,8 @@ def table(figures: dict[str, Any]) -> str:
     commands = ", ".join(f"{name} {n:.1f}"
                          for name, n in figures["redis_commands_per_turn"].items())
     sql = ", ".join(f"{name} {n:.1f}" for name, n in figures["sql_per_turn"].items())
-    return "\n".join([*rows, "", f"Redis commands per turn: {commands}", f"SQL per turn: {sql}"])
+    return "\n".join([*rows, "", f"Redis commands per turn: {commands}",
+                      f"SQL per turn (round trips: PostgreSQL only, BEGINs included): {sql}"])
 
 
 def main(argv: Sequence[str] | None = None, *,

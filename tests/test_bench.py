@@ -53,7 +53,14 @@ from bench.wakeup import main as wakeup_main
 from bench.wakeup import measure, table
 from config.settings import Settings
 from stub_backend import StubServer
-from tests.conftest import PUBSUB_DB, REDIS_HOST, REDIS_PORT, ROOT, base_settings
+from tests.conftest import (
+    PUBSUB_DB,
+    REDIS_HOST,
+    REDIS_PORT,
+    ROOT,
+    base_settings,
+    new_postgres_schema,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
                                 reason="the benchmark starts its own redis-server")
@@ -280,10 +287,30 @@ def test_the_turn_costs_probe_charges_each_stage_of_real_turns(tmp_path: Path) -
     assert sum(stages.values()) < costs["cpu_ms_per_turn"]
     # Every turn made its writes and round trips: 4 transactions, a create, a published end.
     assert costs["sql_per_turn"]["commits"] == 4
+    assert "round trips" not in costs["sql_per_turn"]  # counted on PostgreSQL only
     assert costs["calls_per_turn"]["backend call: create_run"] == 1
     assert costs["calls_per_turn"]["publishing: end"] == 1
     assert costs["redis_commands_per_turn"]["evalsha"] >= 3
     assert "| **whole turn** |" in done.stdout
+
+
+def test_the_turn_costs_probe_counts_a_postgresql_turns_round_trips(tmp_path: Path) -> None:
+    figures = tmp_path / "costs.json"
+    url, drop = new_postgres_schema()
+    try:
+        done = run_gevent_probe("bench.turn_costs", "--turns", "2", "--answer-tokens", "2",
+                                "--token-delay", "0.01", "--database-url", url,
+                                "--json", str(figures))
+    finally:
+        drop()
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    sql = json.loads(figures.read_text())["sql_per_turn"]
+    # Four transactions: each statement is a round trip, and so are a BEGIN and a COMMIT for
+    # each transaction but the run id's (one statement, in autocommit). Nothing else: no ping
+    # before a transaction (docs/performance.md). A new round trip in a turn fails this test.
+    assert (sql["statements"], sql["commits"]) == (12, 4)
+    assert sql["round trips"] == sql["statements"] + 2 * 3 == 18
 
 
 @pytest.mark.parametrize("argv", [["--turns", "0"], ["--answer-tokens", "0"],

@@ -373,6 +373,47 @@ def test_a_database_blink_at_the_end_of_a_turn_costs_a_retry_not_the_answer(
         engine.dispose()
 
 
+def test_a_database_restart_between_turns_costs_the_next_turn_nothing(
+    proxied_postgres: tuple[str, TcpProxy], stub_server: StubServer, stub: StubControl,
+    listen: Any, producer_app: Any, tmp_path: Path,
+) -> None:
+    # The worker's pooled connections die between two turns, as in a PostgreSQL restart. The
+    # pool does not ping before use; the next turn's first statement finds its connection dead
+    # and the store runs that transaction again on a new one: no retry of the turn, no error.
+    url, proxy = proxied_postgres
+    settings = base_settings(database_url=url, backend_url=stub_server.url,
+                             queue=f"restart-{uuid.uuid4().hex[:8]}")
+    worker = start_worker(settings, tmp_path / "worker.log", f"restart-{os.getpid()}@%h")
+    engine = make_engine(settings.database_url.replace(f":{proxy.port}/", ":5432/"), pool_size=1)
+    store = SessionStore(engine)
+    try:
+        first = make_turn()
+        assert_single_end(submit_and_wait_on(first, listen, producer_app, settings),
+                          "message_end")
+        proxy.cut(0)  # every open connection closes; new ones are let through at once
+
+        second = make_turn(conversation_id=first["conversation_id"])
+        events = submit_and_wait_on(second, listen, producer_app, settings)
+
+        end = assert_single_end(events, "message_end")
+        assert answer_of(events) == end["answer"] != ""
+        message = store.get_message(second["message_id"])
+        assert message is not None and (message.status, message.attempts) == ("succeeded", 1)
+        snapshot = store.get_snapshot(first["conversation_id"])
+        assert snapshot is not None and snapshot.version == 2
+        assert "running the transaction again" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop_worker(worker)
+        engine.dispose()
+
+
+def submit_and_wait_on(turn: dict[str, Any], listen: Any, producer_app: Any,
+                       settings: Any) -> list[dict[str, Any]]:
+    listener = listen(turn["message_id"])
+    submit_turn(turn, celery_app=producer_app, settings=settings)
+    return listener.wait_for_end(timeout=30)
+
+
 def test_a_warm_shutdown_finishes_the_turns_in_flight(
     crash_settings: Any, crash_store: SessionStore, stub: StubControl, listen: Any,
     producer_app: Any, tmp_path: Path,

@@ -7,6 +7,7 @@ and the answer together or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import POSTGRES_ADMIN_URL, new_postgres_schema
+from tests.conftest import POSTGRES_ADMIN_URL, TcpProxy, new_postgres_schema
 from worker.errors import (
     AgentBackendError,
     HumanInputRefused,
@@ -445,23 +446,25 @@ def test_create_schema_on_an_unreachable_database_is_store_unavailable() -> None
         engine.dispose()
 
 
-# A PostgreSQL connection that died in the pool --------------------------------------------
+# PostgreSQL connections that died in the pool ---------------------------------------------
 
 
-def _kill_the_pooled_connection(engine: Any) -> None:
-    """Terminate the server side of the one connection in ``engine``'s pool, as a PostgreSQL
-    restart does, and wait (bounded) until the server has let it go."""
-    with engine.connect() as connection:
-        pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+def _kill_the_pooled_connections(engine: Any, count: int) -> None:
+    """Terminate the server side of ``count`` connections in ``engine``'s pool, as a PostgreSQL
+    restart does, and wait (bounded) until the server has let them go."""
+    with contextlib.ExitStack() as held:
+        connections = [held.enter_context(engine.connect()) for _ in range(count)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in connections]
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            assert connection.execute(text("SELECT pg_terminate_backend(:pid)"),
-                                      {"pid": pid}).scalar_one()
+            for pid in pids:
+                assert connection.execute(text("SELECT pg_terminate_backend(:pid)"),
+                                          {"pid": pid}).scalar_one()
             deadline = time.monotonic() + 10
             while connection.execute(text("SELECT count(*) FROM pg_stat_activity "
-                                          "WHERE pid = :pid"), {"pid": pid}).scalar_one():
-                assert time.monotonic() < deadline, "the terminated backend did not go away"
+                                          "WHERE pid = ANY(:pids)"), {"pids": pids}).scalar_one():
+                assert time.monotonic() < deadline, "the terminated backends did not go away"
                 time.sleep(0.01)
     finally:
         admin.dispose()
@@ -474,21 +477,70 @@ def postgres_url() -> Iterator[str]:
     drop()
 
 
-def test_a_pooled_postgresql_connection_that_died_is_replaced_before_use(
-    postgres_url: str,
+# One store call of each kind: a turn's Core transaction, a single statement in autocommit, an
+# ORM transaction, a read.
+STORE_CALLS = {
+    "claim": lambda store, message: store.claim(message),
+    "record_run": lambda store, message: store.record_run(
+        message.message_id, run_id="run-after-restart", run_count=1, base_version=0),
+    "mark_unfinished": lambda store, message: store.mark_unfinished(
+        message.message_id, final=False, code="backend_unavailable", error="blinked"),
+    "get_message": lambda store, message: store.get_message(message.message_id),
+}
+
+
+@pytest.mark.parametrize("call", list(STORE_CALLS))
+def test_a_transaction_on_a_connection_that_died_in_the_pool_runs_again_on_a_new_one(
+    postgres_url: str, call: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # As after a PostgreSQL restart: the pool's connection is dead on the server side. The
-    # check at checkout (pool_pre_ping) finds it, the pool opens a new one, and the turn's
-    # transaction never sees the outage.
-    engine = make_engine(postgres_url, pool_size=1)
+    # As after a PostgreSQL restart: every pooled connection is dead on the server side. The
+    # pool does not ping (a round trip per transaction); the first statement finds the
+    # connection dead, SQLAlchemy retires the pool's connections, and the store runs the
+    # transaction again, once, on a new one. The caller never sees the outage.
+    engine = make_engine(postgres_url, pool_size=2)
     try:
         store = SessionStore(engine)
         store.create_schema()
-        _kill_the_pooled_connection(engine)
+        message = new_message()
+        store.begin_attempt(message)
+        _kill_the_pooled_connections(engine, 2)
 
-        store.claim(new_message())
+        with caplog.at_level("WARNING", logger="worker.store"):
+            STORE_CALLS[call](store, message)
+
+        retried = [r for r in caplog.records if "running the transaction again" in r.message]
+        assert len(retried) == 1, caplog.text
+        row = store.get_message(message.message_id)
+        assert row is not None
+        assert {"record_run": row.run_id == "run-after-restart",
+                "mark_unfinished": row.status == MessageStatus.RETRYING}.get(call, True)
     finally:
         engine.dispose()
+
+
+def test_a_database_that_stays_down_is_store_unavailable_after_one_more_try(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TcpProxy(5432)
+    engine = make_engine(postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+                         + "&connect_timeout=2", pool_size=1)
+    try:
+        store = SessionStore(engine)
+        store.create_schema()
+        message = new_message()
+        store.begin_attempt(message)
+        proxy.cut(60)  # the pooled connection breaks, and new ones are refused
+
+        with caplog.at_level("WARNING", logger="worker.store"), \
+                pytest.raises(TurnStoreUnavailable) as caught:
+            store.record_run(message.message_id, run_id="run-1", run_count=1, base_version=0)
+
+        assert caught.value.retryable and caught.value.message_id == message.message_id
+        assert len([r for r in caplog.records
+                    if "running the transaction again" in r.message]) == 1
+    finally:
+        engine.dispose()
+        proxy.close()
 
 
 # Content ------------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ costs a retry, not an answer.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -53,6 +55,9 @@ if TYPE_CHECKING:
     from worker.steps import AgentStep
 
 JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _now() -> datetime:
@@ -191,6 +196,11 @@ _INSERT_SNAPSHOT = insert(_snapshots)
 _BEGIN_ATTEMPT = update(_messages).where(_messages.c.message_id == bindparam("b_id")).values(
     attempts=_messages.c.attempts + 1, status=MessageStatus.RUNNING.value,
     task_id=bindparam("b_task_id"), updated_at=bindparam("b_now"))
+# The usual attempt, in one statement: a message that is queued, running or retrying counts one
+# more attempt and comes back as it now is. (None: a new, finished or waiting message.)
+_BEGIN_USUAL_ATTEMPT = _BEGIN_ATTEMPT.where(_messages.c.status.not_in(
+    [status.value for status in (*FINISHED_STATUSES, MessageStatus.AWAITING_INPUT)])).returning(
+    *_messages.c)
 _RECORD_RUN = update(_messages).where(_messages.c.message_id == bindparam("b_id")).values(
     run_id=bindparam("b_run_id"), run_count=bindparam("b_run_count"),
     base_version=bindparam("b_base_version"), updated_at=bindparam("b_now"))
@@ -266,8 +276,10 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                         pool_timeout=10)
+    # No pre-ping: it is a round trip before every transaction, a fifth of what a turn's
+    # transactions cost on PostgreSQL. A connection the server closed meanwhile fails its
+    # transaction before the commit instead, and the store runs it again (``_once_more_if_stale``).
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_timeout=10)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -278,6 +290,45 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+class _StaleConnection(TurnStoreUnavailable):
+    """A pooled connection that the server had closed (a restart, an idle time-out, a
+    terminated backend) failed its transaction before the commit was sent: nothing was written,
+    so the transaction can run again."""
+
+
+@contextmanager
+def _stale_before_commit(message_id: str | None) -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        raise _StaleConnection(
+            f"session store error: {type(exc.orig).__name__}: {str(exc.orig)[:200]}",
+            message_id=message_id) from exc
+
+
+def _once_more_if_stale(method: Callable[P, T]) -> Callable[P, T]:
+    """Run a store method again, once, when its transaction met a stale pooled connection.
+
+    This stands in for pinging each connection as it leaves the pool. SQLAlchemy, finding one
+    connection dead, retires every connection the pool made before it, so after a database
+    restart the second run gets a new connection, as a ping would have. Each decorated method
+    is one transaction (or one read), so running it again repeats nothing that was written.
+    A commit that fails is never run again: whether it landed is unknown.
+    """
+
+    @functools.wraps(method)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except _StaleConnection as stale:
+            log.warning("%s; running the transaction again on a new connection", stale)
+        return method(*args, **kwargs)
+
+    return run
 
 
 class SessionStore:
@@ -292,14 +343,34 @@ class SessionStore:
             upgrade(self.engine)
 
     @contextmanager
-    def _connection(self, message_id: str | None = None) -> Iterator[Connection]:
-        """One transaction on a plain connection, for the statements every turn runs."""
-        with self._translate_errors(message_id), self.engine.begin() as connection:
-            yield connection
+    def _connection(self, message_id: str | None = None, *,
+                    autocommit: bool = False) -> Iterator[Connection]:
+        """One transaction on a plain connection, for the statements every turn runs.
+
+        ``autocommit`` is for a single statement: it is its own transaction, and PostgreSQL
+        is spared the round trips of a ``BEGIN`` and a ``COMMIT``.
+        """
+        with self._translate_errors(message_id), self.engine.connect() as connection:
+            if autocommit:
+                connection.execution_options(isolation_level="AUTOCOMMIT")
+            with _stale_before_commit(message_id):
+                yield connection
+            connection.commit()
 
     @contextmanager
     def _transaction(self, message_id: str | None = None) -> Iterator[Session]:
-        with self._translate_errors(message_id), Session(self.engine) as session, session.begin():
+        with self._translate_errors(message_id), Session(self.engine) as session:
+            with _stale_before_commit(message_id):
+                yield session
+                session.flush()
+            session.commit()
+
+    @contextmanager
+    def _reading(self, message_id: str | None = None) -> Iterator[Session]:
+        """A session for reads; what it returns stays loaded after it closes."""
+        with self._translate_errors(message_id), \
+                Session(self.engine, expire_on_commit=False) as session, \
+                _stale_before_commit(message_id):
             yield session
 
     @contextmanager
@@ -322,6 +393,7 @@ class SessionStore:
             raise TurnStoreUnavailable(f"session store error: {exc}"[:300],
                                        message_id=message_id) from exc
 
+    @_once_more_if_stale
     def claim(self, new: NewMessage) -> str | None:
         """Make sure the turn's owner owns its conversation and its message, or refuse it;
         returns the id of another message of the conversation that waits for its user's answer,
@@ -371,10 +443,12 @@ class SessionStore:
             return connection.scalar(_OTHER_QUESTION, {"conversation_id": new.conversation_id,
                                                       "message_id": new.message_id})
 
+    @_once_more_if_stale
     def get_conversation(self, conversation_id: str) -> Conversation | None:
-        with self._translate_errors(), Session(self.engine, expire_on_commit=False) as session:
+        with self._reading() as session:
             return session.get(Conversation, conversation_id)
 
+    @_once_more_if_stale
     def begin_attempt(self, new: NewMessage,
                       layer_names: tuple[str, ...] | None = None) -> MessageState:
         """Count one more attempt at a turn, creating its message row on the first.
@@ -385,8 +459,13 @@ class SessionStore:
         also gets the snapshot its run starts from (``MessageState.snapshot``).
         """
         with self._connection(new.message_id) as connection:
-            row = connection.execute(_MESSAGE_FOR_UPDATE, {"id": new.message_id}).first()
-            if row is None:
+            attempt = {"b_id": new.message_id, "b_task_id": new.task_id, "b_now": _now()}
+            counted = connection.execute(_BEGIN_USUAL_ATTEMPT, attempt).first()
+            row = None if counted else connection.execute(_MESSAGE_FOR_UPDATE,
+                                                           {"id": new.message_id}).first()
+            if counted is not None:
+                state = _state_of(counted)
+            elif row is None:
                 values = _new_values(new, MessageStatus.RUNNING, attempts=1)
                 connection.execute(_INSERT_MESSAGE, values)
                 state = MessageState(status=MessageStatus.RUNNING, attempts=1, run_id=None,
@@ -395,8 +474,7 @@ class SessionStore:
                                      error=None)
             elif row.status not in FINISHED_STATUSES \
                     and row.status != MessageStatus.AWAITING_INPUT:
-                connection.execute(_BEGIN_ATTEMPT, {"b_id": new.message_id,
-                                                    "b_task_id": new.task_id, "b_now": _now()})
+                connection.execute(_BEGIN_ATTEMPT, attempt)
                 state = replace(_state_of(row), attempts=row.attempts + 1,
                                 status=MessageStatus.RUNNING)
             else:
@@ -408,6 +486,7 @@ class SessionStore:
                              layer_names)
             return replace(state, snapshot=loaded)
 
+    @_once_more_if_stale
     def mark_queued(self, new: NewMessage) -> MessageState:
         """Record a turn waiting for its conversation; its first wait creates the row."""
         with self._transaction(new.message_id) as session:
@@ -417,6 +496,7 @@ class SessionStore:
                 session.add(row)
             return _state_of(row)
 
+    @_once_more_if_stale
     def mark_stopped(self, new: NewMessage, *, partial_answer: str,
                      steps: Sequence[AgentStep] = ()) -> MessageState:
         """End a turn as stopped, keeping what was streamed; no snapshot is saved.
@@ -438,19 +518,22 @@ class SessionStore:
             row.finished_at = now
             return _state_of(row)
 
+    @_once_more_if_stale
     def load_snapshot(self, conversation_id: str, layer_names: tuple[str, ...]) -> LoadedSnapshot:
         """The conversation's snapshot, unless it was taken under another composition."""
         with self._connection() as connection:
             return _loaded(connection.execute(_SNAPSHOT, {"id": conversation_id}).first(),
                            layer_names)
 
+    @_once_more_if_stale
     def record_run(self, message_id: str, *, run_id: str, run_count: int,
                    base_version: int) -> None:
-        with self._connection(message_id) as connection:
+        with self._connection(message_id, autocommit=True) as connection:
             connection.execute(_RECORD_RUN, {
                 "b_id": message_id, "b_run_id": run_id, "b_run_count": run_count,
                 "b_base_version": base_version, "b_now": _now()})
 
+    @_once_more_if_stale
     def record_takeover(self, message_id: str, dead_worker: str) -> bool:
         """Note on a running turn's row that a live worker took it over from ``dead_worker``;
         whether the turn was running (a queued or finished one is left as it is)."""
@@ -463,6 +546,7 @@ class SessionStore:
                         taken_over_from=dead_worker[:255], updated_at=_now()))
         return result.rowcount == 1
 
+    @_once_more_if_stale
     def save_success(
         self,
         *,
@@ -513,6 +597,7 @@ class SessionStore:
                 message_id=message_id,
             )
 
+    @_once_more_if_stale
     def mark_unfinished(self, message_id: str, *, final: bool, code: str, error: str) -> None:
         """Record a failed attempt: ``final`` when no retry follows."""
         status = MessageStatus.FAILED if final else MessageStatus.RETRYING
@@ -526,6 +611,7 @@ class SessionStore:
                         finished_at=now if final else None)
             )
 
+    @_once_more_if_stale
     def mark_awaiting_input(self, message_id: str, *, pending: dict[str, Any],
                             partial_answer: str, steps: Sequence[AgentStep],
                             expires_at: datetime) -> None:
@@ -543,6 +629,7 @@ class SessionStore:
                 raise AgentBackendError("the turn's message row is missing or ended; nothing "
                                         "saved", message_id=message_id)
 
+    @_once_more_if_stale
     def take_answer(self, message_id: str, *, owner: tuple[str, str, str], task_id: str,
                     accept: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """Move a waiting message back to running with its answer, exactly once.
@@ -582,51 +669,57 @@ class SessionStore:
     def expire_questions(self, now: datetime | None = None) -> list[AssistantMessage]:
         """End every question past its expiry as failed; each is returned by one caller only."""
         now = now or _now()
-        with Session(self.engine, expire_on_commit=False) as session, \
-                self._translate_errors():
-            due = list(session.scalars(
+        return [row for row in self._due_questions(now) if self._expire_question(row, now)]
+
+    @_once_more_if_stale
+    def _due_questions(self, now: datetime) -> list[AssistantMessage]:
+        with self._reading() as session:
+            return list(session.scalars(
                 select(AssistantMessage)
                 .where(AssistantMessage.status == MessageStatus.AWAITING_INPUT,
                        AssistantMessage.input_expires_at <= now)
                 .limit(100)))
-        expired = []
-        for row in due:
-            with self._transaction(row.message_id) as session:
-                result = session.execute(
-                    update(AssistantMessage)
-                    .where(AssistantMessage.message_id == row.message_id,
-                           AssistantMessage.status == MessageStatus.AWAITING_INPUT)
-                    .values(status=MessageStatus.FAILED, error_code="human_input_expired",
-                            error="the question was not answered in time",
-                            pending_input=None, updated_at=now, finished_at=now))
-            if result.rowcount == 1:
-                expired.append(row)
-        return expired
 
+    @_once_more_if_stale
+    def _expire_question(self, row: AssistantMessage, now: datetime) -> bool:
+        """Whether this call ended the question (another caller may have ended it first)."""
+        with self._transaction(row.message_id) as session:
+            result = session.execute(
+                update(AssistantMessage)
+                .where(AssistantMessage.message_id == row.message_id,
+                       AssistantMessage.status == MessageStatus.AWAITING_INPUT)
+                .values(status=MessageStatus.FAILED, error_code="human_input_expired",
+                        error="the question was not answered in time",
+                        pending_input=None, updated_at=now, finished_at=now))
+        return bool(result.rowcount == 1)
+
+    @_once_more_if_stale
     def save_steps(self, message_id: str, steps: Sequence[AgentStep]) -> None:
         """Keep the steps a failed attempt showed (the next attempt's replace them)."""
         with self._transaction(message_id) as session:
             _replace_steps(session, message_id, steps)
 
+    @_once_more_if_stale
     def list_steps(self, message_id: str) -> list[AgentThought]:
         """The message's steps in order, as its clients last saw them."""
-        with self._translate_errors(message_id), \
-                Session(self.engine, expire_on_commit=False) as session:
+        with self._reading(message_id) as session:
             return list(session.scalars(
                 select(AgentThought).where(AgentThought.message_id == message_id)
                 .order_by(AgentThought.position)))
 
+    @_once_more_if_stale
     def get_message(self, message_id: str) -> AssistantMessage | None:
-        with self._translate_errors(message_id), \
-                Session(self.engine, expire_on_commit=False) as session:
+        with self._reading(message_id) as session:
             return session.get(AssistantMessage, message_id)
 
+    @_once_more_if_stale
     def get_snapshot(self, conversation_id: str) -> ConversationSnapshot | None:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._reading() as session:
             return session.get(ConversationSnapshot, conversation_id)
 
+    @_once_more_if_stale
     def list_messages(self, conversation_id: str) -> list[AssistantMessage]:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._reading() as session:
             return list(session.scalars(
                 select(AssistantMessage)
                 .where(AssistantMessage.conversation_id == conversation_id)
