@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -142,6 +143,90 @@ def test_a_live_workers_messages_are_left_alone(pubsub_client: redis.Redis) -> N
     assert redis_client.hlen(deliveries_key(alive)) == 2
     redis_client.srem(WORKERS_KEY, alive)
     redis_client.delete(alive_key(alive), deliveries_key(alive), leases_key(alive), lease.key)
+
+
+# The registry's batched writes -------------------------------------------------------------
+
+
+def _delivery(n: int) -> Delivery:
+    return Delivery(tag=f"tag-{n}", task="agent_turn.run_turn", task_id=f"task-{n}",
+                    exchange="q", routing_key="q", message_id=f"msg-{n}")
+
+
+def test_deliveries_queued_together_are_listed_in_one_command(
+    pubsub_client: redis.Redis,
+) -> None:
+    registry = DeliveryRegistry(pubsub_client, f"batched-{uuid.uuid4().hex[:6]}")
+    key = deliveries_key(registry.worker)
+    with pubsub_client.monitor() as monitor:
+        for n in range(5):
+            registry.hold_soon(_delivery(n))
+        assert pubsub_client.hlen(key) == 0, "nothing is written before the writer runs"
+        registry.write_pending()
+        pubsub_client.set(f"{key}:end-of-test", "1", px=1000)
+        seen = []
+        for command in monitor.listen():
+            name = command["command"].split()[0].upper()
+            if name == "SET" and f"{key}:end-of-test" in command["command"]:
+                break
+            if name in ("HSET", "HDEL") and key in command["command"]:
+                seen.append(name)
+
+    assert seen == ["HSET"], "five deliveries, one command"
+    listed = {tag.decode(): Delivery.from_json(raw)
+              for tag, raw in pubsub_client.hgetall(key).items()}
+    assert listed == {f"tag-{n}": _delivery(n) for n in range(5)}
+    pubsub_client.delete(key)
+
+
+def test_a_forget_after_a_hold_leaves_nothing_listed_whether_or_not_the_hold_was_written(
+    pubsub_client: redis.Redis,
+) -> None:
+    registry = DeliveryRegistry(pubsub_client, f"batched-{uuid.uuid4().hex[:6]}")
+    key = deliveries_key(registry.worker)
+    registry.hold_soon(_delivery(1))
+    registry.forget_soon("tag-1")  # both in the same batch
+    registry.hold_soon(_delivery(2))
+    registry.write_pending()
+    assert [tag.decode() for tag in pubsub_client.hkeys(key)] == ["tag-2"]
+
+    registry.forget_soon("tag-2")  # after its hold was written
+    registry.write_pending()
+    assert pubsub_client.exists(key) == 0
+
+
+def test_a_turn_waits_until_the_writer_has_listed_its_delivery(
+    pubsub_client: redis.Redis,
+) -> None:
+    registry = DeliveryRegistry(pubsub_client, f"batched-{uuid.uuid4().hex[:6]}")
+    registry.hold_soon(_delivery(7))
+
+    assert registry.wait_written("task-7", timeout=0.05) is False, "no writer yet"
+    registry.start_writer()
+    try:
+        assert registry.wait_written("task-7", timeout=BOUND_SECONDS)
+        assert pubsub_client.hexists(deliveries_key(registry.worker), "tag-7")
+        assert registry.wait_written("task-never-held", timeout=0) is True
+    finally:
+        registry.forget_soon("tag-7")
+        registry.stop_writer()
+    assert pubsub_client.exists(deliveries_key(registry.worker)) == 0, "stopping writes the rest"
+
+
+def test_a_registry_whose_redis_is_down_lets_the_turn_run_and_logs_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    client = redis.Redis(host="127.0.0.1", port=dead_port, socket_connect_timeout=1)
+    registry = DeliveryRegistry(client, "cut-off")
+    registry.hold_soon(_delivery(3))
+    with caplog.at_level(logging.WARNING, logger="worker.takeover"):
+        registry.write_pending()
+
+    assert registry.wait_written("task-3", timeout=0) is True
+    assert "could not update 1 deliveries" in caplog.text
 
 
 _DIES_MID_HAND_ON = """

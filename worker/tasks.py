@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject
-from celery.signals import task_revoked, worker_init, worker_ready
+from celery.signals import task_revoked, worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
 from celery.worker.state import revoked as revoked_tasks
 
@@ -139,8 +139,9 @@ class TurnRequest(Request):
     ends the same way on every pool, with one end event.
 
     Every turn request is also listed in its worker's deliveries from the moment it is built
-    until its message is acknowledged or rejected, so that a live worker can hand it on at
-    once if this one dies (worker/takeover.py).
+    (the write goes out with the registry's next round trip, and the turn waits for it before
+    it starts) until its message is acknowledged or rejected, so that a live worker can hand
+    it on at once if this one dies (worker/takeover.py).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -149,7 +150,7 @@ class TurnRequest(Request):
         if _deliveries is not None:
             delivery = _delivery_of(self)
             if delivery is not None:
-                _deliveries.hold(delivery)
+                _deliveries.hold_soon(delivery)
                 self._held_tag = delivery.tag
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
@@ -185,11 +186,19 @@ class TurnRequest(Request):
 
     def _forget(self) -> None:
         if self._held_tag is not None and _deliveries is not None:
-            _deliveries.forget(self._held_tag)
+            _deliveries.forget_soon(self._held_tag)
             self._held_tag = None
 
 
 _deliveries: DeliveryRegistry | None = None
+# How long a turn waits for its delivery to be listed before it runs anyway.
+LISTING_WAIT_SECONDS = 5.0
+
+
+def _wait_until_listed(task_id: str) -> None:
+    """A turn starts once its delivery is listed (``TurnRequest``), as a takeover needs."""
+    if _deliveries is not None:
+        _deliveries.wait_written(task_id, LISTING_WAIT_SECONDS)
 
 
 def _delivery_of(request: Request) -> Delivery | None:
@@ -223,6 +232,7 @@ def _this_broker() -> tuple[str, bool]:
 def run_turn_task(self: Task, *args: Any, turn: Any = None, **unexpected: Any) -> dict[str, Any]:
     settings = get_settings()
     task_id = self.request.id
+    _wait_until_listed(task_id)
     try:
         services = get_services(settings)
     except AgentBackendError as exc:
@@ -324,6 +334,7 @@ def resume_turn_task(self: Task, *args: Any, answer: Any = None,
     """
     settings = get_settings()
     task_id = self.request.id
+    _wait_until_listed(task_id)
     services = get_services(settings)
     try:
         if args or unexpected:
@@ -368,8 +379,16 @@ def _name_this_worker(sender: Any = None, **_: Any) -> None:
     client = redis.Redis.from_url(settings.pubsub_url, socket_timeout=5,
                                   socket_connect_timeout=5, health_check_interval=30)
     _deliveries = DeliveryRegistry(client, name)
+    _deliveries.start_writer()
     log.info("worker %s: a dead worker's turns are taken over within about %.1f s", name,
              settings.conversation_lease_seconds + settings.takeover_scan_seconds)
+
+
+@worker_shutdown.connect
+def _write_last_deliveries(**_: Any) -> None:
+    """Unlist what was acknowledged last, so that no takeover hands on a finished turn."""
+    if _deliveries is not None:
+        _deliveries.stop_writer()
 
 
 @worker_ready.connect
