@@ -1,17 +1,20 @@
-"""kombu's Redis transport with one Redis client per channel (worker/broker.py), on a real Redis."""
+"""kombu's Redis transport with one Redis client per channel and unacked records written in
+batches (worker/broker.py), on a real Redis."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
 import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
+from kombu.message import Message
 
 from config.celery import celery_config
 from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings
-from worker.broker import Channel, Transport
+from worker.broker import Channel, QoS, Transport
 
 BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
 
@@ -65,6 +68,47 @@ def test_messages_and_acknowledgements_go_through_the_kept_client(
         channel = connection.default_channel
         with channel.conn_or_acquire() as client:
             assert client.zcard(channel.unacked_index_key) == 0, "every message acknowledged"
+    finally:
+        queue(connection.default_channel).delete()
+
+
+def test_a_received_message_is_recorded_unacked_by_the_writer_and_restores_from_it(
+        connection: Connection) -> None:
+    name = f"broker-test-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    try:
+        with connection.Producer() as producer:
+            for number in range(4):
+                producer.publish({"n": number}, exchange=queue.exchange, routing_key=name,
+                                 declare=[queue], serializer="json")
+        held: list[Message] = []
+        with connection.Consumer(queue, callbacks=[lambda _body, message: held.append(message)],
+                                 accept=["json"]):
+            while len(held) < 4:
+                connection.drain_events(timeout=5)
+        channel = connection.default_channel
+        qos = channel.qos
+        assert isinstance(qos, QoS)
+        for message in held:
+            written = qos.written(message.delivery_tag)
+            assert written is None or written.wait(5), "the writer records every message"
+
+        with channel.conn_or_acquire() as client:
+            for message in held:
+                raw = client.hget(channel.unacked_key, message.delivery_tag)
+                assert raw is not None
+                body, exchange, routing_key = json.loads(raw)
+                assert (body["properties"]["delivery_tag"], exchange, routing_key) == (
+                    message.delivery_tag, name, name)
+                assert client.zscore(channel.unacked_index_key, message.delivery_tag)
+            held[0].ack()
+            assert client.hget(channel.unacked_key, held[0].delivery_tag) is None
+
+            qos.restore_unacked()  # what a shutdown does with what it still holds
+
+            assert client.llen(name) == 3
+            for message in held:
+                assert client.hget(channel.unacked_key, message.delivery_tag) is None
     finally:
         queue(connection.default_channel).delete()
 

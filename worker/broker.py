@@ -1,11 +1,18 @@
-"""kombu's Redis transport, keeping one Redis client per channel instead of one per command.
+"""kombu's Redis transport, with two changes for a consumer that takes a thousand turns at once.
 
-kombu's Redis channel builds a new ``redis.Redis`` for every command it sends outside its
-consumer (``Channel.conn_or_acquire``): acknowledgements, the unacked index, task events,
-retries. Building one sets up its response callbacks, ~46 µs each here, about ten per turn:
-3% of the gevent worker's samples at a thousand turns. A ``redis.Redis`` holds no connection of
-its own, it borrows one from its pool per command, so one per channel serves every caller; it is
-built again when kombu replaces the channel's pool (after a lost connection).
+- One Redis client per channel instead of one per command. kombu's Redis channel builds a new
+  ``redis.Redis`` for every command it sends outside its consumer (``Channel.conn_or_acquire``):
+  acknowledgements, the unacked index, task events, retries. Building one sets up its response
+  callbacks, ~46 µs each here, about ten per turn: 3% of the gevent worker's samples at a
+  thousand turns. A ``redis.Redis`` holds no connection of its own, it borrows one from its pool
+  per command, so one per channel serves every caller; it is built again when kombu replaces
+  the channel's pool (after a lost connection).
+- Unacked records written in batches (``QoS``). kombu records each received message in its
+  unacked hash and index with a round trip on the consumer's path to the next message; on a
+  busy gevent worker each round trip waits for a turn of the hub, and that held a burst's
+  intake to a hundred messages a second (docs/performance.md). Here the consumer queues the
+  record and a writer sends all queued records in one round trip; whatever reads or removes a
+  record waits for its write first.
 
 Used for ``redis://`` brokers only (``config/celery.py``): a ``rediss://`` URL keeps kombu's own
 transport, whose TLS set-up hangs on the URL's scheme.
@@ -14,14 +21,115 @@ transport, whose TLS set-up hangs on the URL's scheme.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 import uuid
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
+
+# How long an acknowledgement, a restore or a turn waits for a message's unacked record to be
+# written before it goes on without (the write failed, or Redis is that slow).
+RECORD_WAIT_SECONDS = 5.0
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, except that a received message's unacked record is written by a
+    writer (a greenlet under gevent, a thread otherwise) in batches, off the consumer's path.
+
+    The record is what brings a message back after its worker died (the visibility timeout,
+    or a takeover: ``restore_unacked``), so nothing may act on it before it exists: an
+    acknowledgement, a rejection and a restore each wait for the write, and a turn does too
+    before it starts (``written``, used by ``TurnRequest``). A failed write is logged; the
+    message then has no record, as with kombu when its own write fails.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: dict[str, str] = {}  # tag -> the record, not sent yet
+        self._writes: dict[str, threading.Event] = {}  # tag -> set once sent (or failed)
+        self._writer: threading.Thread | None = None
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        virtual.QoS.append(self, message, delivery_tag)  # kombu's bookkeeping, not its write
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self._guard:
+            self._pending[delivery_tag] = record
+            self._writes[delivery_tag] = threading.Event()
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_forever, daemon=True,
+                                                name="unacked-records")
+                self._writer.start()
+        self._wake.set()
+
+    def written(self, delivery_tag: str) -> threading.Event | None:
+        """Set once the message's record is written; None if no write is outstanding."""
+        with self._guard:
+            return self._writes.get(delivery_tag)
+
+    def wait_written(self, delivery_tag: str) -> None:
+        event = self.written(delivery_tag)
+        if event is not None and not event.wait(RECORD_WAIT_SECONDS):
+            log.warning("unacked record of delivery %s not written after %.1f s; going on",
+                        delivery_tag, RECORD_WAIT_SECONDS)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.wait_written(delivery_tag)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.wait_written(delivery_tag)
+        super().reject(delivery_tag, requeue=requeue)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        self.wait_written(tag)
+        super().restore_by_tag(tag, client=client, leftmost=leftmost)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.write_pending()
+        super().restore_unacked(client)
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        """Send every queued record in one round trip (one transaction, as kombu's own)."""
+        with self._guard:
+            batch, self._pending = self._pending, {}
+            events = [(tag, self._writes[tag]) for tag in batch]
+        if not batch:
+            return
+        now = time.time()
+        try:
+            with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.zadd(self.unacked_index_key, dict.fromkeys(batch, now))
+                pipe.hset(self.unacked_key, mapping=batch)
+                pipe.execute()
+        except Exception as exc:
+            log.error("could not record %d received messages as unacknowledged: %s",
+                      len(batch), exc)
+        finally:
+            with self._guard:
+                for tag, event in events:
+                    event.set()
+                    if self._writes.get(tag) is event:
+                        del self._writes[tag]
 
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _kept_client: redis.Redis | None = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

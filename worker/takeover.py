@@ -161,7 +161,7 @@ class DeliveryRegistry:
     trip per message held a burst of a thousand turns to ~100 messages a second on a busy
     gevent worker (docs/performance.md). A writer (``start_writer``: a thread, a greenlet
     under gevent) sends what has queued up since its last write in one round trip, and a turn
-    waits for its own delivery to be written before it starts (``wait_written``), so a turn
+    waits for its own delivery to be written before it starts (``TurnRequest``), so a turn
     never runs unlisted.
     """
 
@@ -190,31 +190,22 @@ class DeliveryRegistry:
         except redis.RedisError as exc:
             log.warning("could not unregister delivery %s: %s", tag, exc)
 
-    def hold_soon(self, delivery: Delivery) -> None:
-        """List ``delivery`` with the writer's next round trip."""
+    def hold_soon(self, delivery: Delivery) -> threading.Event:
+        """List ``delivery`` with the writer's next round trip; the event is set once that
+        round trip is over (it is logged if it failed)."""
+        written = threading.Event()
         with self._guard:
             self._pending.pop(delivery.tag, None)
             self._pending[delivery.tag] = delivery
-            self._written[delivery.task_id] = threading.Event()
+            self._written[delivery.task_id] = written
         self._wake.set()
+        return written
 
     def forget_soon(self, tag: str) -> None:
         with self._guard:
             self._pending.pop(tag, None)
             self._pending[tag] = None
         self._wake.set()
-
-    def wait_written(self, task_id: str, timeout: float) -> bool:
-        """Wait until the task's delivery is written (True if it is, or none was queued)."""
-        with self._guard:
-            written = self._written.get(task_id)
-        if written is None:
-            return True
-        done = written.wait(timeout)
-        if not done:
-            log.warning("delivery of task %s not listed after %.1f s; the turn runs anyway "
-                        "(the broker's redelivery still covers it)", task_id, timeout)
-        return done
 
     def start_writer(self) -> None:
         self._writer = threading.Thread(target=self._write_until_stopped,

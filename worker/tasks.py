@@ -147,11 +147,15 @@ class TurnRequest(Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._held_tag: str | None = None
+        writes = [_unacked_record_write(self.message)]
         if _deliveries is not None:
             delivery = _delivery_of(self)
             if delivery is not None:
-                _deliveries.hold_soon(delivery)
+                writes.append(_deliveries.hold_soon(delivery))
                 self._held_tag = delivery.tag
+        outstanding = [write for write in writes if write is not None]
+        if outstanding:
+            _receipt_writes[self.id] = outstanding
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         if self.time_start:
@@ -185,20 +189,36 @@ class TurnRequest(Request):
         self._forget()
 
     def _forget(self) -> None:
+        _receipt_writes.pop(self.id, None)
         if self._held_tag is not None and _deliveries is not None:
             _deliveries.forget_soon(self._held_tag)
             self._held_tag = None
 
 
 _deliveries: DeliveryRegistry | None = None
-# How long a turn waits for its delivery to be listed before it runs anyway.
-LISTING_WAIT_SECONDS = 5.0
+# Task id -> the writes of its message's receipt (the broker's unacked record, the delivery's
+# listing) that the turn waits for before it starts. Each is set once written, or failed.
+_receipt_writes: dict[str, list[threading.Event]] = {}
+# How long a turn waits for them before it runs anyway (a failed write is logged already).
+RECEIPT_WAIT_SECONDS = 5.0
+
+
+def _unacked_record_write(message: Any) -> threading.Event | None:
+    """The write of the message's unacked record, if the broker's QoS (worker/broker.py)
+    still has it outstanding."""
+    qos = getattr(getattr(message, "channel", None), "qos", None)
+    written = getattr(qos, "written", None)
+    tag = getattr(message, "delivery_tag", None)
+    return written(tag) if callable(written) and tag is not None else None
 
 
 def _wait_until_listed(task_id: str) -> None:
-    """A turn starts once its delivery is listed (``TurnRequest``), as a takeover needs."""
-    if _deliveries is not None:
-        _deliveries.wait_written(task_id, LISTING_WAIT_SECONDS)
+    """A turn starts once its message is recorded as unacknowledged and listed among its
+    worker's deliveries (``TurnRequest``): what brings it back if this worker dies."""
+    for write in _receipt_writes.pop(task_id, ()):
+        if not write.wait(RECEIPT_WAIT_SECONDS):
+            log.warning("task %s: its receipt was not written after %.1f s; it runs anyway",
+                        task_id, RECEIPT_WAIT_SECONDS)
 
 
 def _delivery_of(request: Request) -> Delivery | None:
