@@ -149,6 +149,7 @@ def _measure(turns: int, redis_url: str, folder: Path) -> dict[str, Any]:
     for name in PUBLISHER_METHODS:
         clock.wrap(TurnPublisher, name, "publishing")
     clock.wrap(turn_module, "build_run_request", "building the run request")
+    clock.wrap(turn_module, "_start", "redis: the start (owner, stop flag, lease)")
     # Outermost only: inside create_run a request is the backend call's; alone, it opens the
     # event stream (or reads a run's status).
     clock.wrap(services.backend, "_send", "opening the event stream")

@@ -290,6 +290,12 @@ def test_the_turn_costs_probe_charges_each_stage_of_real_turns(tmp_path: Path) -
     assert "round trips" not in costs["sql_per_turn"]  # counted on PostgreSQL only
     assert costs["calls_per_turn"]["backend call: create_run"] == 1
     assert costs["calls_per_turn"]["publishing: end"] == 1
+    # The start is one round trip (owner, stop flag, lease), and a first attempt reads no
+    # replay log: nothing can be on its client's screen yet.
+    assert costs["calls_per_turn"]["redis: the start (owner, stop flag, lease): _start"] == 1
+    assert not [call for call in costs["calls_per_turn"]
+                if call.endswith((": record_owner", ": client_text", ": stop_requested",
+                                  ": acquire"))]
     assert costs["redis_commands_per_turn"]["evalsha"] >= 3
     assert "| **whole turn** |" in done.stdout
 

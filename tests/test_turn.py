@@ -24,7 +24,7 @@ from tests.conftest import (
     wait_until,
 )
 from worker.errors import ConversationBusy, ProtocolViolation, RunCancelled, TurnTakenOver
-from worker.ownership import owner_fingerprint
+from worker.ownership import owner_fingerprint, owner_key
 from worker.payload import parse_turn
 from worker.supervisor import stop_key
 from worker.turn import TurnServices, end_stopped_before_running, run_turn
@@ -246,6 +246,31 @@ def test_a_finished_turn_delivered_again_with_its_stop_flag_set_publishes_no_sec
     listener.drain_quietly(0.3)
     assert again.status == "succeeded" and again.replayed
     assert listener.events == first, "nothing after the one end"
+
+
+def test_a_turn_its_owner_stopped_before_it_ran_ends_stopped_and_frees_its_conversation(
+    make_services: ServicesFactory, listen: Callable[[str], TurnListener],
+    redis_client: Any, stub: StubControl
+) -> None:
+    # The start reads the stop flag and tries the lease in one round trip: a turn that is to
+    # stop may have taken the lease, and must give it back.
+    services = make_services()
+    turn = make_turn()
+    owner = owner_fingerprint(turn["tenant_id"], turn["app_id"], turn["user_id"])
+    redis_client.set(stop_key(turn["message_id"], owner), "1", ex=60)
+    listener = listen(turn["message_id"])
+
+    outcome = attempt(services, turn)
+
+    events = listener.wait_for_end()
+    assert outcome.status == "stopped"
+    assert [(event["event"], event["status"]) for event in events] == [("message_end",
+                                                                        "stopped")]
+    assert stub.runs(turn["message_id"]) == []
+    assert services.locks.holding_message(turn["conversation_id"]) is None
+    assert redis_client.get(owner_key(turn["message_id"])) == owner.encode()
+    next_turn = make_turn(conversation_id=turn["conversation_id"])
+    assert attempt(services, next_turn).status == "succeeded", "the conversation is free"
 
 
 def test_a_turn_revoked_before_it_ran_ends_stopped_once(

@@ -19,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.exceptions import NoScriptError
 
 from worker.errors import EventBusUnavailable
 from worker.takeover import WORKERS_KEY, alive_key, leases_key
@@ -91,6 +94,25 @@ class ConversationLocks:
         """The lease, or None while another turn of the conversation holds it."""
         lease = Lease(self.key_for(conversation_id), f"{holder}:{uuid.uuid4().hex}")
         return lease if self._take(lease) else None
+
+    def acquire_on(self, pipe: redis.client.Pipeline, conversation_id: str,
+                   holder: str) -> Callable[[Any], Lease | None]:
+        """Queue ``acquire`` on ``pipe`` (a turn's start sends it with its other commands);
+        the returned function reads its reply from the pipeline's replies."""
+        lease = Lease(self.key_for(conversation_id), f"{holder}:{uuid.uuid4().hex}")
+        pipe.evalsha(self._acquire.sha, 1 + len(self._lease_list), lease.key,
+                     *self._lease_list, lease.token, self._ttl_ms)
+
+        def took(reply: Any) -> Lease | None:
+            if isinstance(reply, NoScriptError):  # Redis restarted or its scripts were flushed
+                return lease if self._take(lease) else None
+            if isinstance(reply, Exception):
+                raise EventBusUnavailable(f"taking the conversation lock failed: {reply}")
+            if reply and self._worker is not None:
+                self._due[lease] = self._next_due()
+            return lease if reply else None
+
+        return took
 
     def _take(self, lease: Lease) -> bool:
         try:

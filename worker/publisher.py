@@ -220,6 +220,10 @@ class ClientText:
     resumable: bool
 
 
+# What ``client_text`` says of a turn that has published nothing yet.
+NOTHING_SHOWN = ClientText(published=False, chars=0, resumable=True)
+
+
 @dataclass(frozen=True, slots=True)
 class TurnIds:
     task_id: str
@@ -518,6 +522,18 @@ class EventBus:
         except redis.RedisError as exc:
             raise EventBusUnavailable(f"recording the turn's owner failed: {exc}",
                                       message_id=message_id) from exc
+
+    def record_owner_on(self, pipe: redis.client.Pipeline, message_id: str,
+                        fingerprint: str) -> Callable[[Any], None]:
+        """Queue ``record_owner`` on ``pipe``; the returned function checks its reply."""
+        pipe.set(owner_key(message_id), fingerprint, ex=self._state_ttl)
+
+        def recorded(reply: Any) -> None:
+            if isinstance(reply, Exception):
+                raise EventBusUnavailable(f"recording the turn's owner failed: {reply}",
+                                          message_id=message_id)
+
+        return recorded
 
     def record_owner_if_none(self, message_id: str, fingerprint: str) -> bool:
         """Record the owner unless one is recorded already; whether this call recorded it."""

@@ -30,6 +30,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,6 +169,19 @@ class TurnSupervisor:
         except redis.RedisError as exc:
             raise AgentBackendError(f"reading the stop flag failed: {exc}",
                                     message_id=message_id) from exc
+
+    def stop_requested_on(self, pipe: redis.client.Pipeline, message_id: str,
+                          owner: str) -> Callable[[Any], bool]:
+        """Queue ``stop_requested`` on ``pipe``; the returned function reads its reply."""
+        pipe.exists(stop_key(message_id, owner))
+
+        def requested(reply: Any) -> bool:
+            if isinstance(reply, Exception):
+                raise AgentBackendError(f"reading the stop flag failed: {reply}",
+                                        message_id=message_id)
+            return bool(reply)
+
+        return requested
 
     def in_flight(self) -> int:
         with self._guard:

@@ -33,6 +33,7 @@ from worker.errors import (
     BackendUnavailable,
     ConversationAwaitingInput,
     ConversationBusy,
+    EventBusUnavailable,
     ProtocolViolation,
     RunCancelled,
     RunFailed,
@@ -46,7 +47,13 @@ from worker.errors import (
 from worker.locks import ConversationLocks, Lease
 from worker.payload import HumanInputRequest, TurnPayload
 from worker.progress import TurnProgress
-from worker.publisher import TERMINAL_EVENTS, EventBus, TurnIds, TurnPublisher
+from worker.publisher import (
+    NOTHING_SHOWN,
+    TERMINAL_EVENTS,
+    EventBus,
+    TurnIds,
+    TurnPublisher,
+)
 from worker.questions import (
     ASK_HUMAN_TOOL,
     HumanAnswer,
@@ -168,8 +175,8 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
     # A question waiting for the user's answer holds its conversation: a turn sent meanwhile
     # would start from a snapshot the answer's continuation is about to replace.
     waiting = services.store.claim(new)
-    services.bus.record_owner(turn.message_id, turn.owner)
     if waiting is not None:
+        services.bus.record_owner(turn.message_id, turn.owner)
         raise ConversationAwaitingInput(
             f"conversation {turn.conversation_id} waits for the answer to the question of "
             f"message {waiting}", message_id=turn.message_id)
@@ -177,7 +184,10 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
         task_id, turn.message_id, owner=turn.owner,
         deadline_seconds=services.settings.turn_deadline_seconds)
     try:
-        if services.supervisor.stop_requested(turn.message_id, turn.owner):
+        stop_requested, lease = _start(turn, services)
+        if stop_requested:
+            if lease is not None:
+                services.locks.release(lease)
             ended = services.store.get_message(turn.message_id)
             if ended is not None and ended.status in FINISHED_STATUSES:
                 # Delivered again after its end, with its stop flag still set: its end stands.
@@ -185,7 +195,6 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
             log.info("turn %s was stopped before it ran", turn.message_id)
             return _end_stopped(new, publisher, services, progress, partial_answer="",
                                 run_id=None)
-        lease = services.locks.acquire(turn.conversation_id, turn.message_id)
         if lease is None:
             _wait_for_own_copy(turn, services)
             queued = services.store.mark_queued(new)
@@ -198,6 +207,35 @@ def run_turn(turn: TurnPayload, *, task_id: str, services: TurnServices,
                         lambda: _attempt(turn, new, publisher, control, services, progress))
     finally:
         services.supervisor.unregister(control)
+
+
+def _start(turn: TurnPayload, services: TurnServices) -> tuple[bool, Lease | None]:
+    """Record the turn's owner, read whether its owner asked to stop it, and try its
+    conversation's lease: whether to stop, and the lease (None: another turn holds it).
+
+    One round trip, where it used to be three, each of which waited for its turn of a busy
+    worker's hub while a burst of turns started (docs/performance.md). The owner is recorded
+    before anything is published, as the gateway needs; a turn that is to stop gives back the
+    lease it may have taken with the others.
+    """
+    with services.bus.redis.pipeline(transaction=False) as pipe:
+        recorded = services.bus.record_owner_on(pipe, turn.message_id, turn.owner)
+        stop_requested = services.supervisor.stop_requested_on(pipe, turn.message_id,
+                                                                turn.owner)
+        took = services.locks.acquire_on(pipe, turn.conversation_id, turn.message_id)
+        try:
+            owner_reply, stop_reply, lease_reply = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            raise EventBusUnavailable(f"starting the turn on Redis failed: {exc}",
+                                      message_id=turn.message_id) from exc
+    lease = took(lease_reply)
+    try:
+        recorded(owner_reply)
+        return stop_requested(stop_reply), lease
+    except AgentBackendError:
+        if lease is not None:
+            services.locks.release(lease)
+        raise
 
 
 def _wait_for_own_copy(turn: TurnPayload, services: TurnServices) -> None:
@@ -262,7 +300,11 @@ def _attempt(turn: TurnPayload, new: NewMessage, publisher: TurnPublisher,
     streamed = StreamedAnswer()
     steps = StepTracker(turn.message_id, _exposure(turn, services.settings))
     try:
-        shown = services.bus.client_text(turn.message_id)
+        # A first attempt has nothing on the client's screen: publishing starts after
+        # ``begin_attempt`` has counted it, and every later delivery (a retry, a takeover, a
+        # continuation) counts one more.
+        shown = (services.bus.client_text(turn.message_id) if state.attempts > 1
+                 else NOTHING_SHOWN)
         creating = time.monotonic()
         run_id, base_version = _start_or_reattach(turn, state, services)
         reattached = run_id == state.run_id
