@@ -4,6 +4,7 @@ batches (worker/broker.py), on a real Redis."""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ from kombu.message import Message
 from config.celery import celery_config
 from tests.conftest import BROKER_DB, REDIS_HOST, REDIS_PORT, base_settings
 from worker.broker import Channel, QoS, Transport
+
+BOUND_SECONDS = 5.0
 
 BROKER_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_DB}"
 
@@ -55,10 +58,12 @@ def test_messages_and_acknowledgements_go_through_the_kept_client(
                 producer.publish({"n": number}, exchange=queue.exchange, routing_key=name,
                                  declare=[queue], serializer="json")
         received: list[int] = []
+        tags: list[str] = []
 
-        def on_message(body: dict[str, int], message: object) -> None:
+        def on_message(body: dict[str, int], message: Message) -> None:
             received.append(body["n"])
-            message.ack()  # type: ignore[attr-defined]
+            tags.append(message.delivery_tag)
+            message.ack()
 
         with connection.Consumer(queue, callbacks=[on_message], accept=["json"]):
             while len(received) < 3:
@@ -67,7 +72,9 @@ def test_messages_and_acknowledgements_go_through_the_kept_client(
         assert received == [0, 1, 2]
         channel = connection.default_channel
         with channel.conn_or_acquire() as client:
-            assert client.zcard(channel.unacked_index_key) == 0, "every message acknowledged"
+            # The index is shared by the database's other users: only this test's tags count.
+            assert [client.zscore(channel.unacked_index_key, tag) for tag in tags] == [None] * 3
+            assert [client.hget(channel.unacked_key, tag) for tag in tags] == [None] * 3
     finally:
         queue(connection.default_channel).delete()
 
@@ -111,6 +118,95 @@ def test_a_received_message_is_recorded_unacked_by_the_writer_and_restores_from_
                 assert client.hget(channel.unacked_key, message.delivery_tag) is None
     finally:
         queue(connection.default_channel).delete()
+
+
+def _publish(connection: Connection, queue: Queue, count: int) -> None:
+    with connection.Producer() as producer:
+        for number in range(count):
+            producer.publish({"n": number}, exchange=queue.exchange, routing_key=queue.name,
+                             declare=[queue], serializer="json")
+
+
+def _receive(connection: Connection, queue: Queue, count: int,
+             held: list[Message]) -> list[Message]:
+    """Take ``count`` messages without acknowledging them; ``held`` collects every one
+    received, for the clean-up."""
+    received: list[Message] = []
+
+    def on_message(_body: object, message: Message) -> None:
+        received.append(message)
+        held.append(message)
+
+    with connection.Consumer(queue, accept=["json"], callbacks=[on_message]):
+        while len(received) < count:
+            connection.drain_events(timeout=5)
+    return received
+
+
+def _drop_records(channel: Channel, messages: list[Message]) -> None:
+    """Leave no unacked record behind: the hash and index are shared by the database's users."""
+    with channel.conn_or_acquire() as client:
+        for message in messages:
+            client.hdel(channel.unacked_key, message.delivery_tag)
+            client.zrem(channel.unacked_index_key, message.delivery_tag)
+
+
+def test_records_still_queued_when_the_channel_closes_are_written_before_it_does(
+        connection: Connection) -> None:
+    name = f"broker-test-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    channel = connection.default_channel
+    qos = channel.qos
+    assert isinstance(qos, QoS)
+    qos.restore_at_shutdown = False  # kombu then restores nothing: the records must be there
+    stalled = threading.Event()
+    qos._writer = threading.Thread(target=stalled.wait, args=(BOUND_SECONDS,), daemon=True)
+    qos._writer.start()  # a writer that has not come round yet
+    held: list[Message] = []
+    try:
+        _publish(connection, queue, 3)
+        _receive(connection, queue, 3, held)
+        assert len(qos._pending) == 3
+        stalled.set()
+
+        qos.restore_unacked_once()
+
+        with channel.conn_or_acquire() as client:
+            for message in held:
+                assert client.hexists(channel.unacked_key, message.delivery_tag), (
+                    "a message taken off its queue with no record is lost if the process dies")
+    finally:
+        _drop_records(channel, held)
+        queue(channel).delete()
+
+
+def test_the_record_writer_ends_with_its_channel_and_later_records_are_written_at_once(
+        connection: Connection) -> None:
+    name = f"broker-test-{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name), routing_key=name)
+    channel = connection.default_channel
+    qos = channel.qos
+    assert isinstance(qos, QoS)
+    qos.restore_at_shutdown = False
+    held: list[Message] = []
+    try:
+        _publish(connection, queue, 2)
+        _receive(connection, queue, 1, held)
+        writer = qos._writer
+        assert writer is not None and writer.is_alive()
+
+        qos.restore_unacked_once()
+        writer.join(BOUND_SECONDS)
+        assert not writer.is_alive(), "a writer left running outlives its channel"
+        late = _receive(connection, queue, 1, held)  # one that arrives as the channel closes
+        assert qos.written(late[0].delivery_tag) is None, "written at once: no writer to wait on"
+
+        with channel.conn_or_acquire() as client:
+            for message in held:
+                assert client.hexists(channel.unacked_key, message.delivery_tag)
+    finally:
+        _drop_records(channel, held)
+        queue(channel).delete()
 
 
 def test_only_a_plain_redis_broker_gets_the_transport() -> None:

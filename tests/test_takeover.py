@@ -195,6 +195,22 @@ def test_a_forget_after_a_hold_leaves_nothing_listed_whether_or_not_the_hold_was
     assert pubsub_client.exists(key) == 0
 
 
+def test_a_forget_that_overtakes_its_hold_still_releases_the_turn_waiting_on_it(
+    pubsub_client: redis.Redis,
+) -> None:
+    registry = DeliveryRegistry(pubsub_client, f"batched-{uuid.uuid4().hex[:6]}")
+    first = registry.hold_soon(_delivery(4))
+    registry.forget_soon("tag-4")  # acknowledged before the writer ran: the hold never goes out
+    registry.write_pending()
+
+    assert first.is_set(), "a waiter on a hold that was overtaken would wait out its bound"
+    again = registry.hold_soon(_delivery(4))  # the same tag held anew (a restored message)
+    assert again is not first and not again.is_set()
+    registry.write_pending()
+    assert again.is_set() and pubsub_client.hexists(deliveries_key(registry.worker), "tag-4")
+    registry.forget("tag-4")
+
+
 def test_a_delivery_is_listed_when_the_writer_has_run(
     pubsub_client: redis.Redis,
 ) -> None:

@@ -10,11 +10,16 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.concurrency.base import BasePool
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from kombu import Message
+from kombu.utils.json import dumps
 
 from config.settings import Settings
 from stub_backend import StubServer
@@ -34,9 +39,10 @@ from tests.conftest import (
     stop_worker,
     submit_and_wait,
 )
+from worker.app import app
 from worker.client import submit_turn
 from worker.publisher import replay_log_key
-from worker.tasks import retry_delay
+from worker.tasks import TURN_TASK_NAME, TurnRequest, _receipt_writes, retry_delay
 
 EXPECTED_ANSWER = "[turn 1] You said: hi."
 
@@ -339,3 +345,59 @@ def test_worker_refuses_to_start_with_a_broken_composition_template(tmp_path: Pa
     assert finished.returncode != 0
     assert "no layer carries {{query}}" in finished.stderr
     assert str(template) in finished.stderr
+
+
+# Where a turn waits for its receipt --------------------------------------------------------
+
+
+class _HandOff:
+    """Notes whether the receipt was written when the pool took the turn."""
+
+    def __init__(self, written: threading.Event) -> None:
+        self.written = written
+        self.written_at_hand_off: bool | None = None
+
+    def apply_async(self, *_: Any, **__: Any) -> None:
+        self.written_at_hand_off = self.written.is_set()
+
+
+class _RecordingPrefork(_HandOff, PreforkPool):
+    def __init__(self, written: threading.Event) -> None:
+        PreforkPool.__init__(self, limit=1)  # not started: the hand-off is all this test runs
+        _HandOff.__init__(self, written)
+
+
+class _RecordingInProcess(_HandOff, BasePool):
+    def __init__(self, written: threading.Event) -> None:
+        BasePool.__init__(self, limit=1)
+        _HandOff.__init__(self, written)
+
+
+def _turn_request() -> TurnRequest:
+    task = app.tasks[TURN_TASK_NAME]
+    task_message = app.amqp.as_task_v2(str(uuid.uuid4()), task.name, args=(), kwargs={})
+    message = Message(body=dumps(task_message.body), headers=task_message.headers,
+                      content_type="application/json", content_encoding="utf-8",
+                      delivery_info={"exchange": "", "routing_key": "turns"})
+    return TurnRequest(message, app=app, task=task)
+
+
+@pytest.mark.parametrize(("pool_type", "waits"), [(_RecordingPrefork, True),
+                                                   (_RecordingInProcess, False)])
+def test_a_child_process_pool_gets_a_turn_only_once_its_receipt_is_written(
+    pool_type: type[_HandOff], waits: bool
+) -> None:
+    """A prefork child cannot wait on its parent's writes, so the parent waits before the
+    hand-off; a pool in this process hands on at once and the turn waits as it starts."""
+    request = _turn_request()
+    written = threading.Event()
+    _receipt_writes[request.id] = [written]
+    writer = threading.Timer(0.1, written.set)
+    writer.start()
+    try:
+        pool = pool_type(written)
+        request.execute_using_pool(pool)
+        assert pool.written_at_hand_off is waits
+    finally:
+        writer.join(5)
+        _receipt_writes.pop(request.id, None)

@@ -57,6 +57,7 @@ class QoS(kombu_redis.QoS):
         self._pending: dict[str, str] = {}  # tag -> the record, not sent yet
         self._writes: dict[str, threading.Event] = {}  # tag -> set once sent (or failed)
         self._writer: threading.Thread | None = None
+        self._closing = False
 
     def append(self, message: Any, delivery_tag: str) -> None:
         virtual.QoS.append(self, message, delivery_tag)  # kombu's bookkeeping, not its write
@@ -65,11 +66,15 @@ class QoS(kombu_redis.QoS):
         with self._guard:
             self._pending[delivery_tag] = record
             self._writes[delivery_tag] = threading.Event()
-            if self._writer is None:
+            closing = self._closing
+            if self._writer is None and not closing:
                 self._writer = threading.Thread(target=self._write_forever, daemon=True,
                                                 name="unacked-records")
                 self._writer.start()
-        self._wake.set()
+        if closing:  # no writer any more: this one is written at once, as kombu's own
+            self.write_pending()
+        else:
+            self._wake.set()
 
     def written(self, delivery_tag: str) -> threading.Event | None:
         """Set once the message's record is written; None if no write is outstanding."""
@@ -98,8 +103,21 @@ class QoS(kombu_redis.QoS):
         self.write_pending()
         super().restore_unacked(client)
 
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """The channel's close (and the process's exit): every queued record is written and the
+        writer ends, whether or not kombu then restores. A record still queued here belongs to
+        a message already taken off its queue; unwritten, nothing would bring it back."""
+        with self._guard:
+            self._closing = True
+            writer, self._writer = self._writer, None
+        self._wake.set()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(RECORD_WAIT_SECONDS)
+        self.write_pending()
+        return super().restore_unacked_once(stderr)
+
     def _write_forever(self) -> None:
-        while True:
+        while not self._closing:
             self._wake.wait()
             self._wake.clear()
             self.write_pending()

@@ -173,7 +173,9 @@ class DeliveryRegistry:
         self._wake = threading.Event()
         # Writes not sent yet, in order: tag -> the delivery to hold, or None to forget it.
         self._pending: dict[str, Delivery | None] = {}
-        # Task id -> set once its delivery's write has been sent (or failed).
+        # Tag -> set once the round trip that carried its latest queued write is over (sent or
+        # failed). A forget queued before the hold went out settles it too: nothing is left to
+        # wait for.
         self._written: dict[str, threading.Event] = {}
         self._writer: threading.Thread | None = None
         self._stopping = False
@@ -193,11 +195,10 @@ class DeliveryRegistry:
     def hold_soon(self, delivery: Delivery) -> threading.Event:
         """List ``delivery`` with the writer's next round trip; the event is set once that
         round trip is over (it is logged if it failed)."""
-        written = threading.Event()
         with self._guard:
             self._pending.pop(delivery.tag, None)
             self._pending[delivery.tag] = delivery
-            self._written[delivery.task_id] = written
+            written = self._written.setdefault(delivery.tag, threading.Event())
         self._wake.set()
         return written
 
@@ -230,8 +231,7 @@ class DeliveryRegistry:
         """Send every queued write in one round trip."""
         with self._guard:
             batch, self._pending = self._pending, {}
-            written = [(d.task_id, self._written[d.task_id]) for d in batch.values()
-                       if d is not None and d.task_id in self._written]
+            written = [self._written.pop(tag) for tag in batch if tag in self._written]
         if not batch:
             return
         holds = {tag: d.as_json() for tag, d in batch.items() if d is not None}
@@ -246,11 +246,8 @@ class DeliveryRegistry:
         except redis.RedisError as exc:
             log.warning("could not update %d deliveries: %s", len(batch), exc)
         finally:
-            with self._guard:
-                for task_id, event in written:
-                    event.set()
-                    if self._written.get(task_id) is event:
-                        del self._written[task_id]
+            for event in written:
+                event.set()
 
 
 class TakeoverWatcher:

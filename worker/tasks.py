@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task
+from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.exceptions import Ignore, Reject
 from celery.signals import task_revoked, worker_init, worker_ready, worker_shutdown
 from celery.worker.request import Request
@@ -156,6 +157,13 @@ class TurnRequest(Request):
         outstanding = [write for write in writes if write is not None]
         if outstanding:
             _receipt_writes[self.id] = outstanding
+
+    def execute_using_pool(self, pool: Any, **kwargs: Any) -> Any:
+        """A pool of child processes (prefork) runs the turn where this process's writes
+        cannot be waited for: the wait for the receipt happens here, before the hand-off."""
+        if isinstance(pool, PreforkPool):
+            _wait_until_listed(self.id)
+        return super().execute_using_pool(pool, **kwargs)
 
     def terminate(self, pool: Any, signal: Any = None) -> None:
         if self.time_start:
