@@ -44,6 +44,7 @@ from bench.metrics import (
     trace_from_messages,
 )
 from bench.open_loop import arrivals
+from bench.publish_designs import main as publish_designs_main
 from bench.readers import PatternSubscriber, follow_stream, read_direct, stagger_of
 from bench.relay import Relay
 from bench.relay import main as relay_main
@@ -420,6 +421,27 @@ def test_the_replay_memory_probe_measures_a_compacted_and_a_whole_log() -> None:
     assert int(compacted[3]) <= 3 < int(whole[3]), "a replace and the end, beside a step"
     assert int(compacted[1].replace(",", "")) < int(whole[1].replace(",", ""))
     assert int(compacted[4]) > 0, "resumes were checked"
+
+
+@pytest.mark.parametrize(("batch", "script_checks"), [(1, 0.0), (10, 0.1)])
+def test_the_publish_designs_probe_counts_each_designs_commands_and_checks_its_log(
+    batch: int, script_checks: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert publish_designs_main(["--events", "200", "--per-turn", "20", "--rounds", "1",
+                                 "--batch", str(batch)]) == 0
+
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    # A pipeline with scripts asks SCRIPT EXISTS once per round trip (redis-py).
+    assert {row[0]: float(row[1]) for row in rows} == pytest.approx({
+        "today (worker/publisher.py)": 5 + script_checks, "client seq, fenced": 4 + script_checks,
+        "no fence": 3 + script_checks, "relay (PUBLISH)": 1.0})
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+
+
+def test_the_publish_designs_probe_refuses_bad_options() -> None:
+    with pytest.raises(SystemExit):
+        publish_designs_main(["--batch", "0"])
 
 
 def test_the_gateway_load_probe_delivers_every_event_of_every_stream() -> None:
