@@ -11,8 +11,8 @@
   unacked hash and index with a round trip on the consumer's path to the next message; on a
   busy gevent worker each round trip waits for a turn of the hub, and that held a burst's
   intake to a hundred messages a second (docs/performance.md). Here the consumer queues the
-  record and a writer sends all queued records in one round trip; whatever reads or removes a
-  record waits for its write first.
+  record and a writer sends all queued records in one round trip (worker/writebehind.py);
+  whatever reads or removes a record waits for its write first.
 
 Used for ``redis://`` brokers only (``config/celery.py``): a ``rediss://`` URL keeps kombu's own
 transport, whose TLS set-up hangs on the URL's scheme.
@@ -32,6 +32,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
+from worker.writebehind import WriteBehind
+
 log = logging.getLogger(__name__)
 
 # How long an acknowledgement, a restore or a turn waits for a message's unacked record to be
@@ -40,8 +42,8 @@ RECORD_WAIT_SECONDS = 5.0
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS, except that a received message's unacked record is written by a
-    writer (a greenlet under gevent, a thread otherwise) in batches, off the consumer's path.
+    """kombu's Redis QoS, except that a received message's unacked record is written behind
+    (worker/writebehind.py), in batches, off the consumer's path.
 
     The record is what brings a message back after its worker died (the visibility timeout,
     or a takeover: ``restore_unacked``), so nothing may act on it before it exists: an
@@ -52,34 +54,18 @@ class QoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._guard = threading.Lock()
-        self._wake = threading.Event()
-        self._pending: dict[str, str] = {}  # tag -> the record, not sent yet
-        self._writes: dict[str, threading.Event] = {}  # tag -> set once sent (or failed)
-        self._writer: threading.Thread | None = None
-        self._closing = False
+        self._records: WriteBehind[str] = WriteBehind(self._send, name="unacked-records")
 
     def append(self, message: Any, delivery_tag: str) -> None:
         virtual.QoS.append(self, message, delivery_tag)  # kombu's bookkeeping, not its write
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self._guard:
-            self._pending[delivery_tag] = record
-            self._writes[delivery_tag] = threading.Event()
-            closing = self._closing
-            if self._writer is None and not closing:
-                self._writer = threading.Thread(target=self._write_forever, daemon=True,
-                                                name="unacked-records")
-                self._writer.start()
-        if closing:  # no writer any more: this one is written at once, as kombu's own
-            self.write_pending()
-        else:
-            self._wake.set()
+        self._records.start()
+        self._records.put(delivery_tag, record)
 
     def written(self, delivery_tag: str) -> threading.Event | None:
         """Set once the message's record is written; None if no write is outstanding."""
-        with self._guard:
-            return self._writes.get(delivery_tag)
+        return self._records.written(delivery_tag)
 
     def wait_written(self, delivery_tag: str) -> None:
         event = self.written(delivery_tag)
@@ -106,29 +92,17 @@ class QoS(kombu_redis.QoS):
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """The channel's close (and the process's exit): every queued record is written and the
         writer ends, whether or not kombu then restores. A record still queued here belongs to
-        a message already taken off its queue; unwritten, nothing would bring it back."""
-        with self._guard:
-            self._closing = True
-            writer, self._writer = self._writer, None
-        self._wake.set()
-        if writer is not None and writer is not threading.current_thread():
-            writer.join(RECORD_WAIT_SECONDS)
-        self.write_pending()
+        a message already taken off its queue; unwritten, nothing would bring it back. A
+        record queued after this is written at once."""
+        self._records.close(RECORD_WAIT_SECONDS)
         return super().restore_unacked_once(stderr)
 
-    def _write_forever(self) -> None:
-        while not self._closing:
-            self._wake.wait()
-            self._wake.clear()
-            self.write_pending()
-
     def write_pending(self) -> None:
-        """Send every queued record in one round trip (one transaction, as kombu's own)."""
-        with self._guard:
-            batch, self._pending = self._pending, {}
-            events = [(tag, self._writes[tag]) for tag in batch]
-        if not batch:
-            return
+        """Send every queued record in one round trip."""
+        self._records.flush()
+
+    def _send(self, batch: dict[str, str]) -> None:
+        """One transaction, as kombu's own write."""
         now = time.time()
         try:
             with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
@@ -138,12 +112,6 @@ class QoS(kombu_redis.QoS):
         except Exception as exc:
             log.error("could not record %d received messages as unacknowledged: %s",
                       len(batch), exc)
-        finally:
-            with self._guard:
-                for tag, event in events:
-                    event.set()
-                    if self._writes.get(tag) is event:
-                        del self._writes[tag]
 
 
 class Channel(kombu_redis.Channel):

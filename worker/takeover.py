@@ -49,6 +49,7 @@ from typing import Any
 import redis
 
 from worker import metrics
+from worker.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +157,10 @@ class DeliveryRegistry:
     A failed write costs only the fast takeover of that message (the broker's own redelivery
     still covers it), never the turn: errors are logged, not raised.
 
-    ``hold``/``forget`` write at once. A worker uses ``hold_soon``/``forget_soon`` instead:
-    Celery builds each request on its consumer's path to the next message, where one round
-    trip per message held a burst of a thousand turns to ~100 messages a second on a busy
-    gevent worker (docs/performance.md). A writer (``start_writer``: a thread, a greenlet
-    under gevent) sends what has queued up since its last write in one round trip, and a turn
+    ``hold``/``forget`` write at once. A worker uses ``hold_soon``/``forget_soon`` instead,
+    written behind (worker/writebehind.py) by a writer ``start_writer`` starts: Celery builds
+    each request on its consumer's path to the next message, where one round trip per message
+    held a burst of a thousand turns to ~100 messages a second on a busy gevent worker. A turn
     waits for its own delivery to be written before it starts (``TurnRequest``), so a turn
     never runs unlisted.
     """
@@ -169,16 +169,9 @@ class DeliveryRegistry:
         self._redis = client
         self.worker = worker
         self._key = deliveries_key(worker)
-        self._guard = threading.Lock()
-        self._wake = threading.Event()
-        # Writes not sent yet, in order: tag -> the delivery to hold, or None to forget it.
-        self._pending: dict[str, Delivery | None] = {}
-        # Tag -> set once the round trip that carried its latest queued write is over (sent or
-        # failed). A forget queued before the hold went out settles it too: nothing is left to
-        # wait for.
-        self._written: dict[str, threading.Event] = {}
-        self._writer: threading.Thread | None = None
-        self._stopping = False
+        # Tag -> the delivery to hold, or None to forget it.
+        self._writes: WriteBehind[Delivery | None] = WriteBehind(self._send,
+                                                                 name="delivery-registry")
 
     def hold(self, delivery: Delivery) -> None:
         try:
@@ -194,46 +187,24 @@ class DeliveryRegistry:
 
     def hold_soon(self, delivery: Delivery) -> threading.Event:
         """List ``delivery`` with the writer's next round trip; the event is set once that
-        round trip is over (it is logged if it failed)."""
-        with self._guard:
-            self._pending.pop(delivery.tag, None)
-            self._pending[delivery.tag] = delivery
-            written = self._written.setdefault(delivery.tag, threading.Event())
-        self._wake.set()
-        return written
+        round trip is over (it is logged if it failed), or once a forget overtook it."""
+        return self._writes.put(delivery.tag, delivery)
 
     def forget_soon(self, tag: str) -> None:
-        with self._guard:
-            self._pending.pop(tag, None)
-            self._pending[tag] = None
-        self._wake.set()
+        self._writes.put(tag, None)
 
     def start_writer(self) -> None:
-        self._writer = threading.Thread(target=self._write_until_stopped,
-                                        name="delivery-registry", daemon=True)
-        self._writer.start()
+        self._writes.start()
 
     def stop_writer(self, timeout: float = 5.0) -> None:
-        """Send what is queued, then stop the writer."""
-        self._stopping = True
-        self._wake.set()
-        if self._writer is not None:
-            self._writer.join(timeout)
-        self.write_pending()
-
-    def _write_until_stopped(self) -> None:
-        while not self._stopping:
-            self._wake.wait()
-            self._wake.clear()
-            self.write_pending()
+        """Send what is queued, then stop the writer; later writes go out at once."""
+        self._writes.close(timeout)
 
     def write_pending(self) -> None:
         """Send every queued write in one round trip."""
-        with self._guard:
-            batch, self._pending = self._pending, {}
-            written = [self._written.pop(tag) for tag in batch if tag in self._written]
-        if not batch:
-            return
+        self._writes.flush()
+
+    def _send(self, batch: dict[str, Delivery | None]) -> None:
         holds = {tag: d.as_json() for tag, d in batch.items() if d is not None}
         forgets = [tag for tag, d in batch.items() if d is None]
         try:
@@ -245,9 +216,6 @@ class DeliveryRegistry:
                 pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not update %d deliveries: %s", len(batch), exc)
-        finally:
-            for event in written:
-                event.set()
 
 
 class TakeoverWatcher:
