@@ -82,6 +82,8 @@ def designs(client: redis.Redis) -> dict[str, tuple[Publish, bool]]:
     today = client.register_script(_PUBLISH_SCRIPT)
     client_seq = client.register_script(_CLIENT_SEQ_SCRIPT)
     no_fence = client.register_script(_NO_FENCE_SCRIPT)
+    for script in (today, client_seq, no_fence):
+        client.script_load(script.script)  # so that no design's count has an EVAL fallback
 
     def publish_today(target: redis.Redis, turn: str, seq: int) -> None:
         today(client=target, keys=[f"head:{turn}", f"log:{turn}", f"lease:{turn}"],
@@ -111,25 +113,18 @@ def measure(client: redis.Redis, design: str, publish: Publish, keeps_log: bool,
     turns = [uuid.uuid4().hex for _ in range(max(1, events // per_turn))]
     for turn in turns:
         client.set(f"lease:{turn}", LEASE_TOKEN)
-    for script in (_PUBLISH_SCRIPT, _CLIENT_SEQ_SCRIPT, _NO_FENCE_SCRIPT):
-        client.script_load(script)  # so that no design pays an EVAL fallback in the count
     before_commands, before_redis = command_stats(client), server_cpu_seconds(client)
     before_client = process_cpu_seconds()
+    target = client if batch == 1 else client.pipeline(transaction=False)
     sent = 0
-    if batch == 1:
-        for seq in range(1, per_turn + 1):
-            for turn in turns:
-                publish(client, turn, seq)
-                sent += 1
-    else:
-        pipe = client.pipeline(transaction=False)
-        for seq in range(1, per_turn + 1):
-            for turn in turns:
-                publish(pipe, turn, seq)
-                sent += 1
-                if sent % batch == 0:
-                    pipe.execute()
-        pipe.execute()
+    for seq in range(1, per_turn + 1):
+        for turn in turns:
+            publish(target, turn, seq)
+            sent += 1
+            if batch > 1 and sent % batch == 0:
+                target.execute()
+    if batch > 1:
+        target.execute()
     client_cpu = process_cpu_seconds() - before_client
     redis_cpu = server_cpu_seconds(client) - before_redis
     counted = commands_delta(before_commands, command_stats(client))
