@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 from celery.result import AsyncResult
 
@@ -29,7 +30,7 @@ from tests.conftest import (
     submit_and_wait,
 )
 from worker.client import submit_turn
-from worker.progress import ProgressReporter
+from worker.progress import ProgressReporter, store_progress
 from worker.store import SessionStore, make_engine
 
 SECRET_CREDENTIAL = "sk-live-DO-NOT-LOG-4242"
@@ -180,27 +181,27 @@ def test_a_running_turn_shows_a_streaming_state_with_progress(
 # The process's progress reporter ------------------------------------------------------------
 
 class GatedSender:
-    """Records what the reporter sends; each send waits until the test lets it through."""
+    """Records the batches the reporter sends; each send waits until the test lets it through."""
 
     def __init__(self, fail_first: bool = False) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.sent: list[dict[str, dict[str, Any]]] = []
         self.entered = threading.Semaphore(0)
         self.proceed = threading.Semaphore(0)
         self._fail_first = fail_first
 
-    def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
+    def __call__(self, reports: dict[str, dict[str, Any]]) -> None:
         self.entered.release()
         assert self.proceed.acquire(timeout=5), "the test never let the send through"
         if self._fail_first:
             self._fail_first = False
             raise ConnectionError("broker down")
-        self.sent.append((task_id, progress))
+        self.sent.append(dict(reports))
 
     def wait_entered(self) -> None:
         assert self.entered.acquire(timeout=5), "the reporter never sent"
 
 
-def test_a_report_not_yet_sent_is_replaced_by_its_turns_newer_one() -> None:
+def test_reports_due_together_go_out_in_one_batch_with_each_turns_newest() -> None:
     sender = GatedSender()
     reporter = ProgressReporter(sender)
     reporter.post("task-a", {"chunks": 1})
@@ -208,15 +209,15 @@ def test_a_report_not_yet_sent_is_replaced_by_its_turns_newer_one() -> None:
     reporter.post("task-b", {"chunks": 1})
     reporter.post("task-a", {"chunks": 2})
     reporter.post("task-a", {"chunks": 3})
-    for _ in range(3):
-        sender.proceed.release()
+    sender.proceed.release()
     sender.wait_entered()
-    sender.wait_entered()
+    sender.proceed.release()
     reporter.withdraw("task-a")
     reporter.withdraw("task-b")
 
-    assert sender.sent == [("task-a", {"chunks": 1}), ("task-b", {"chunks": 1}),
-                           ("task-a", {"chunks": 3})]
+    assert sender.sent == [{"task-a": {"chunks": 1}},
+                           {"task-b": {"chunks": 1}, "task-a": {"chunks": 3}}]
+    assert reporter.batches == 2
 
 
 def test_a_withdrawn_report_is_never_sent_and_withdraw_waits_for_one_being_sent() -> None:
@@ -239,7 +240,7 @@ def test_a_withdrawn_report_is_never_sent_and_withdraw_waits_for_one_being_sent(
     assert withdrawn.wait(5)
     ending.join(5)
 
-    assert sender.sent == [("task-a", {"chunks": 1})]
+    assert sender.sent == [{"task-a": {"chunks": 1}}]
     assert sender.entered.acquire(timeout=0.2) is False, "the withdrawn report went out"
 
 
@@ -254,4 +255,65 @@ def test_a_failed_report_does_not_stop_the_next_ones() -> None:
     sender.proceed.release()
     reporter.withdraw("task-a")
 
-    assert sender.sent == [("task-a", {"chunks": 2})]
+    assert sender.sent == [{"task-a": {"chunks": 2}}]
+
+
+# Writing the states ----------------------------------------------------------------------------
+
+class CountingConnection(redis.Connection):
+    """A real connection that counts what it sends: one send is one round trip."""
+
+    sends = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sends += 1
+        super().send_packed_command(command, check_health)
+
+
+def test_many_reports_are_written_in_two_round_trips_and_read_as_celery_states(
+    producer_app: Any,
+) -> None:
+    backend = producer_app.backend
+    tasks = [f"progress-{uuid.uuid4().hex}" for _ in range(20)]
+    finished, failed = tasks[0], tasks[1]
+    backend.store_result(finished, {"answer_chars": 3}, "SUCCESS")
+    backend.store_result(failed, ValueError("gone"), "FAILURE")
+    reports = {task_id: {"chunks": n, "chars": 10 * n} for n, task_id in enumerate(tasks)}
+    counted = redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=CountingConnection,
+        **backend.client.connection_pool.connection_kwargs))
+    counted.ping()  # connected: its handshake's sends are not the writes'
+    backend_client, backend.client = backend.client, counted
+    CountingConnection.sends = 0
+    try:
+        store_progress(backend, reports, "STREAMING")
+    finally:
+        backend.client = backend_client
+        counted.close()
+
+    assert CountingConnection.sends == 2
+    assert AsyncResult(finished, app=producer_app).state == "SUCCESS", "a final state moved back"
+    assert AsyncResult(failed, app=producer_app).state == "FAILURE", "a final state moved back"
+    for n, task_id in enumerate(tasks[2:], start=2):
+        result = AsyncResult(task_id, app=producer_app)
+        assert (result.state, result.info) == ("STREAMING", {"chunks": n, "chars": 10 * n})
+
+
+def test_a_streaming_state_is_published_for_those_who_wait_on_the_result(
+    producer_app: Any,
+) -> None:
+    backend = producer_app.backend
+    task_id = f"progress-{uuid.uuid4().hex}"
+    listener = backend.client.pubsub()
+    listener.subscribe(backend.get_key_for_task(task_id))
+    try:
+        assert listener.get_message(timeout=5)["type"] == "subscribe"
+        store_progress(backend, {task_id: {"chunks": 4}}, "STREAMING")
+        message = listener.get_message(timeout=5)
+    finally:
+        listener.close()
+
+    assert message is not None, "no state went out on the task's channel"
+    state = backend.decode(message["data"])
+    assert (state["status"], state["result"], state["task_id"]) == (
+        "STREAMING", {"chunks": 4}, task_id)

@@ -55,7 +55,7 @@ from worker.payload import (
     valid_identifier,
     valid_message_id,
 )
-from worker.progress import ProgressReporter, TurnProgress
+from worker.progress import ProgressReporter, TurnProgress, store_progress
 from worker.publisher import EventBus, TurnIds
 from worker.takeover import (
     Delivery,
@@ -493,33 +493,36 @@ def _sweep_expired_questions() -> None:
 
 
 class StreamingState:
-    """Reports a running turn to Celery: a ``STREAMING`` state with its progress in the result
+    """Reports running turns to Celery: a ``STREAMING`` state with its progress in the result
     backend (``AsyncResult.state``/``.info``) and a ``task-streaming`` event, which Flower's task
     view shows live (it turns a custom event type into the task's state).
 
-    Called by the process's one ``ProgressReporter`` thread. The event goes out with the
-    worker's own task events (``task_event_dispatcher``), in order with them; without a running
-    consumer, one dispatcher of its own (a producer on the broker) serves every report instead
-    of one built per report.
+    Called by the process's one ``ProgressReporter`` thread with every report that is due; the
+    states are written together (``store_progress``). The events go out with the worker's own
+    task events (``task_event_dispatcher``), in order with them; without a running consumer,
+    one dispatcher of its own (a producer on the broker) serves every report instead of one
+    built per report.
     """
 
     def __init__(self, hostname: str) -> None:
         self._hostname = hostname
         self._dispatcher: Any = None
 
-    def __call__(self, task_id: str, progress: dict[str, Any]) -> None:
-        run_turn_task.backend.store_result(task_id, progress, STREAMING)
+    def __call__(self, reports: dict[str, dict[str, Any]]) -> None:
+        store_progress(run_turn_task.backend, reports, STREAMING)
         dispatcher = task_event_dispatcher()
         if dispatcher is not None:
             # After the task's own task-received and task-started, which a green worker sends
             # in batches: sent apart, Flower could see the progress before the task started.
-            dispatcher.send("task-streaming", uuid=task_id, **progress)
+            for task_id, progress in reports.items():
+                dispatcher.send("task-streaming", uuid=task_id, **progress)
             return
         if self._dispatcher is None:
             self._dispatcher = app.events.Dispatcher(app.connection_for_write(),
                                                      hostname=self._hostname)
         try:
-            self._dispatcher.send("task-streaming", uuid=task_id, **progress)
+            for task_id, progress in reports.items():
+                self._dispatcher.send("task-streaming", uuid=task_id, **progress)
         except Exception:
             dispatcher, self._dispatcher = self._dispatcher, None  # the next report reconnects
             with contextlib.suppress(Exception):
