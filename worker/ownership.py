@@ -16,6 +16,7 @@ only, so that a producer or the gateway can use them without the worker's depend
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -23,8 +24,13 @@ import json
 _REFUSAL_SEPARATOR = "/refused/"
 
 
+@functools.lru_cache(maxsize=4096)
 def owner_fingerprint(tenant_id: str, app_id: str, user_id: str) -> str:
-    """A fixed-length name for an owner; ids are joined unambiguously before hashing."""
+    """A fixed-length name for an owner; ids are joined unambiguously before hashing.
+
+    Cached: a turn asks for its owner's several times as it starts (the store's claim, the
+    owner record, the stop flag, the supervisor), each a JSON encoding and a hash.
+    """
     joined = json.dumps([tenant_id, app_id, user_id], separators=(",", ":"))
     return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
