@@ -46,7 +46,7 @@ class ProgressReporter:
         self._pending: dict[str, dict[str, Any]] = {}
         self._sending: frozenset[str] = frozenset()
         self._thread: threading.Thread | None = None
-        self.batches = 0  # sent so far: how many reports shared a round trip
+        self.batches = 0  # batches taken so far
 
     def post(self, task_id: str, progress: dict[str, Any]) -> None:
         with self._changed:
@@ -86,8 +86,8 @@ def store_progress(backend: Any, reports: dict[str, dict[str, Any]], state: str)
 
     On a Redis backend that is two round trips for the lot: one ``MGET`` of what is stored,
     then one pipeline of the writes. ``Backend.store_result`` costs each report two (a ``GET``,
-    then a ``MULTI``/``SETEX``/``PUBLISH``/``EXEC`` transaction), which made progress reports
-    a tenth of a busy worker's round trips to its result backend. What is written is what
+    then a ``MULTI``/``SETEX``/``PUBLISH``/``EXEC`` transaction): a turn's two or three reports
+    were most of its round trips to the result backend. What is written is what
     ``store_result`` writes, the ``PUBLISH`` that ``AsyncResult.get(on_message=…)`` listens to
     included. As there, a task whose stored state is final is left alone: a report overtaken
     by its task's end must never turn it back into a running one (Celery guards ``SUCCESS``
