@@ -1,8 +1,8 @@
 """Writes queued by key and sent together by a writer (worker/writebehind.py).
 
-``send`` here records its batches; the two users of the module (the broker's unacked records,
-the delivery registry) are tested against a real Redis in tests/test_broker.py and
-tests/test_takeover.py.
+``send`` here records its batches; the users of the module are tested against a real Redis
+where they live: the broker's unacked records in tests/test_broker.py, the delivery registry in
+tests/test_takeover.py, the progress reports in tests/test_progress.py.
 """
 
 from __future__ import annotations
@@ -105,3 +105,34 @@ def test_a_failing_send_releases_its_waiters_and_the_writer_goes_on(
     finally:
         batches.fail = False
         writes.close(BOUND_SECONDS)
+
+
+def test_withdraw_drops_an_unsent_value_and_waits_for_one_being_sent() -> None:
+    entered, proceed = threading.Event(), threading.Event()
+    sent: list[dict[str, str]] = []
+
+    def send(batch: dict[str, str]) -> None:
+        entered.set()
+        assert proceed.wait(BOUND_SECONDS), "the test never let the send through"
+        sent.append(dict(batch))
+
+    writes: WriteBehind[str] = WriteBehind(send, name="test")
+    writes.start()
+    try:
+        writes.put("a", "1")
+        assert entered.wait(BOUND_SECONDS)  # "a" is being sent
+        queued = writes.put("b", "1")
+        writes.withdraw("b")
+        assert queued.is_set() and writes.written("b") is None, "a dropped value holds no one"
+        withdrawn = threading.Event()
+        waiter = threading.Thread(target=lambda: (writes.withdraw("a"), withdrawn.set()))
+        waiter.start()
+        assert not withdrawn.wait(0.2), "withdraw returned while its value was being sent"
+        proceed.set()
+        assert withdrawn.wait(BOUND_SECONDS)
+        waiter.join(BOUND_SECONDS)
+    finally:
+        proceed.set()
+        writes.close(BOUND_SECONDS)
+
+    assert sent == [{"a": "1"}]

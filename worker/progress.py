@@ -10,7 +10,6 @@ read and a comparison, and a progress report due is handed to the process's
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from celery import states
 from worker import metrics
 from worker.logs import log_stage, ms
 from worker.publisher import TurnIds
+from worker.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -33,51 +33,34 @@ class ProgressReporter:
 
     Sent by the turn, a report cost it two Redis round trips (a result-backend write and a task
     event) between two of its events, ~0.7 ms of CPU, most of it building a Celery event
-    dispatcher each time. Here one long-lived sender takes every report that is due at once
-    and sends them together (``StreamingState``: one read and one write round trip for the
-    batch, where each report alone cost two); a report not yet sent is replaced by its turn's
-    newer one. A turn that ends withdraws its report, and waits for a batch that carries it,
-    so that a late ``STREAMING`` never overwrites the task's final state.
+    dispatcher each time. Here the reports are written behind (worker/writebehind.py): one
+    long-lived writer takes every report that is due at once and sends them together
+    (``StreamingState``: one read and one write round trip for the batch, where each report
+    alone cost two); a report not yet sent is replaced by its turn's newer one. A turn that
+    ends withdraws its report, and waits for a batch that carries it, so that a late
+    ``STREAMING`` never overwrites the task's final state.
     """
 
     def __init__(self, send: ProgressSender) -> None:
-        self._send = send
-        self._changed = threading.Condition()
-        self._pending: dict[str, dict[str, Any]] = {}
-        self._sending: frozenset[str] = frozenset()
-        self._thread: threading.Thread | None = None
+        self._sender = send
+        self._reports: WriteBehind[dict[str, Any]] = WriteBehind(self._send,
+                                                                 name="progress-reporter")
         self.batches = 0  # batches taken so far
 
     def post(self, task_id: str, progress: dict[str, Any]) -> None:
-        with self._changed:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="progress-reporter",
-                                                daemon=True)
-                self._thread.start()
-            self._pending[task_id] = progress
-            self._changed.notify_all()
+        self._reports.start()
+        self._reports.put(task_id, progress)
 
     def withdraw(self, task_id: str) -> None:
-        with self._changed:
-            self._pending.pop(task_id, None)
-            while task_id in self._sending:
-                self._changed.wait()
+        self._reports.withdraw(task_id)
 
-    def _run(self) -> None:
-        while True:
-            with self._changed:
-                self._sending = frozenset()
-                self._changed.notify_all()
-                while not self._pending:
-                    self._changed.wait()
-                batch, self._pending = self._pending, {}
-                self._sending = frozenset(batch)
-                self.batches += 1
-            try:
-                self._send(batch)
-            except Exception as exc:
-                # Progress is for people watching; it must never cost a turn.
-                log.debug("progress reports for %d tasks failed: %s", len(batch), exc)
+    def _send(self, batch: dict[str, dict[str, Any]]) -> None:
+        self.batches += 1
+        try:
+            self._sender(batch)
+        except Exception as exc:
+            # Progress is for people watching; it must never cost a turn.
+            log.debug("progress reports for %d tasks failed: %s", len(batch), exc)
 
 
 def store_progress(backend: Any, reports: dict[str, dict[str, Any]], state: str) -> None:

@@ -5,12 +5,14 @@ per message, each a round trip that waits for a turn of a busy gevent hub: kombu
 record (worker/broker.py) and the delivery's listing (worker/takeover.py). That held a burst
 of a thousand turns to about a hundred messages a second (docs/performance.md). Both are now
 queued here, and a writer (a thread; a greenlet under gevent) sends all that has queued up
-since its last round trip in one.
+since its last round trip in one. The turns' progress reports (worker/progress.py) go the same
+way.
 
 Whoever must not act before a write waits for it: ``put`` returns an event that is set once
 the round trip that carried the key's latest value is over, sent or failed (``send`` logs its
 own failures). A later value for the same key replaces one not sent yet, so a listing undone
-before it went out is never sent, and its waiter is still released.
+before it went out is never sent, and its waiter is still released. ``withdraw`` takes a
+value back: dropped if not sent yet, waited for if its round trip is under way.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class WriteBehind(Generic[Value]):
         self._wake = threading.Event()
         self._pending: dict[str, Value] = {}
         self._written: dict[str, threading.Event] = {}
+        # Key -> the event of the round trip carrying its value, while that is under way.
+        self._sending: dict[str, threading.Event] = {}
         self._writer: threading.Thread | None = None
         self._closed = False
 
@@ -58,6 +62,18 @@ class WriteBehind(Generic[Value]):
         """Set once the key's queued value is sent (or failed); None if none is queued."""
         with self._guard:
             return self._written.get(key)
+
+    def withdraw(self, key: str) -> None:
+        """Drop the key's value if it is not sent yet (its waiters are released); if a round
+        trip carrying it is under way, return once that is over."""
+        with self._guard:
+            self._pending.pop(key, None)
+            queued = self._written.pop(key, None)
+            sending = self._sending.get(key)
+        if queued is not None:
+            queued.set()
+        if sending is not None:
+            sending.wait()
 
     def start(self) -> None:
         """Start the writer, unless it runs or this was closed."""
@@ -82,13 +98,18 @@ class WriteBehind(Generic[Value]):
         """Send everything queued, in one call of ``send``."""
         with self._guard:
             batch, self._pending = self._pending, {}
-            written = [self._written.pop(key) for key in batch if key in self._written]
+            written = {key: self._written.pop(key) for key in batch if key in self._written}
+            self._sending.update(written)
         if not batch:
             return
         try:
             self._send(batch)
         finally:
-            for event in written:
+            with self._guard:
+                for key, event in written.items():
+                    if self._sending.get(key) is event:
+                        del self._sending[key]
+            for event in written.values():
                 event.set()
 
     def _write_until_closed(self) -> None:
