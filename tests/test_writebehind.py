@@ -136,3 +136,26 @@ def test_withdraw_drops_an_unsent_value_and_waits_for_one_being_sent() -> None:
         writes.close(BOUND_SECONDS)
 
     assert sent == [{"a": "1"}]
+
+
+def test_a_value_on_its_way_counts_as_not_written_until_its_round_trip_is_over() -> None:
+    entered, proceed = threading.Event(), threading.Event()
+
+    def send(batch: dict[str, str]) -> None:
+        entered.set()
+        assert proceed.wait(BOUND_SECONDS), "the test never let the send through"
+
+    writes: WriteBehind[str] = WriteBehind(send, name="test")
+    writes.start()
+    try:
+        queued = writes.put("tag", "delivery")
+        assert entered.wait(BOUND_SECONDS)  # the writer took the batch; Redis has not got it
+        on_its_way = writes.written("tag")
+        assert on_its_way is queued and not on_its_way.is_set(), \
+            "a waiter (the broker's ack) would go on before the record is written"
+        proceed.set()
+        assert on_its_way.wait(BOUND_SECONDS)
+        assert writes.written("tag") is None
+    finally:
+        proceed.set()
+        writes.close(BOUND_SECONDS)

@@ -10,7 +10,7 @@ way.
 
 Whoever must not act before a write waits for it: ``put`` returns an event that is set once
 the round trip that carried the key's latest value is over, sent or failed (``send`` logs its
-own failures). A later value for the same key replaces one not sent yet, so a listing undone
+own failures); ``written`` finds that event later, until the round trip is over. A later value for the same key replaces one not sent yet, so a listing undone
 before it went out is never sent, and its waiter is still released. ``withdraw`` takes a
 value back: dropped if not sent yet, waited for if its round trip is under way.
 """
@@ -59,9 +59,11 @@ class WriteBehind(Generic[Value]):
         return written
 
     def written(self, key: str) -> threading.Event | None:
-        """Set once the key's queued value is sent (or failed); None if none is queued."""
+        """Set once the key's latest value is sent (or failed); None if none is queued or on
+        its way. A value whose round trip is under way counts as not written yet: a waiter
+        must not go on in the moment between the writer taking the batch and Redis having it."""
         with self._guard:
-            return self._written.get(key)
+            return self._written.get(key) or self._sending.get(key)
 
     def withdraw(self, key: str) -> None:
         """Drop the key's value if it is not sent yet (its waiters are released); if a round
