@@ -10,9 +10,10 @@ way.
 
 Whoever must not act before a write waits for it: ``put`` returns an event that is set once
 the round trip that carried the key's latest value is over, sent or failed (``send`` logs its
-own failures); ``written`` finds that event later, until the round trip is over. A later value for the same key replaces one not sent yet, so a listing undone
-before it went out is never sent, and its waiter is still released. ``withdraw`` takes a
-value back: dropped if not sent yet, waited for if its round trip is under way.
+own failures); ``written`` finds that event later, until the round trip is over. A later
+value for the same key replaces one not sent yet, so a listing undone before it went out is
+never sent, and its waiter is still released. ``withdraw`` takes a value back: dropped if not
+sent yet, waited for if its round trip is under way.
 """
 
 from __future__ import annotations
