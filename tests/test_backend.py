@@ -6,6 +6,7 @@ client runs with small time-outs so stalls and reconnects take fractions of a se
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -313,6 +314,50 @@ def test_the_stream_resumes_after_a_stall_via_the_read_timeout(
     assert events[-1].type == "run_succeeded"
     assert sse_connections(stub, message_id) == 2
     assert READ_TIMEOUT * 0.9 <= elapsed < READ_TIMEOUT + 5.0
+
+
+def test_a_stall_is_logged_as_a_read_timeout(
+    client: AgentBackendClient, stub: StubControl, settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    message_id, body = run_request(settings)
+    stub.plan(message_id, stream=[{"stall_after": 2}])
+    run_id = client.create_run(body, message_id=message_id)
+
+    with caplog.at_level(logging.WARNING, logger="worker.backend"):
+        events = follow(client, run_id, message_id=message_id)
+
+    assert events[-1].type == "run_succeeded"
+    assert f"broke (timed out (no byte for {READ_TIMEOUT:g} s)); resuming after" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def steady_stub() -> Iterator[StubServer]:
+    """Tokens spaced under the read time-out: a stream that is never silent for that long."""
+    with StubServer(StubSettings(token_delay=READ_TIMEOUT * 0.3, answer_tokens=10,
+                                 keepalive_interval=0.5)) as server:
+        yield server
+
+
+def test_a_consumer_slower_than_the_read_timeout_does_not_cut_its_stream(
+    steady_stub: StubServer, settings: Settings,
+) -> None:
+    stub = StubControl(steady_stub.url)
+    message_id, body = run_request(settings)
+    backend = make_client(steady_stub.url)
+    try:
+        run_id = backend.create_run(body, message_id=message_id)
+        events = []
+        for event in backend.stream_events(run_id, message_id=message_id):
+            events.append(event)
+            if len(events) == 2:
+                time.sleep(READ_TIMEOUT * 2)  # a turn busy with one event, e.g. a slow publish
+    finally:
+        backend.close()
+
+    assert events[-1].type == "run_succeeded"
+    assert [event.event_id for event in events] == logged_event_ids(stub, run_id)
+    assert sse_connections(stub, message_id) == 1, "a busy reader's stream was cut as silent"
 
 
 def test_resuming_from_a_cursor_skips_the_events_already_seen(

@@ -6,10 +6,11 @@ The wire contract is ../shared/agent-protocol.md. Two promises matter to the tur
   only the caller (with the run's idempotency key and the message row) can decide what to do.
 - ``stream_events`` yields each event once, in order, up to and including the first terminal
   event. A broken connection, a read time-out (no byte, keepalives included, for
-  ``read_timeout`` seconds), a 5xx or an early end of stream is resumed from the last event id,
-  up to ``max_reconnects`` times in a row without progress; so a dropped connection never costs a
-  second backend run. 4xx answers, redirects, undecodable frames and invalid events fail at
-  once.
+  ``read_timeout`` seconds while the reader waits; kept by worker/stalls.py, which cuts a
+  silent stream within a quarter of that more), a 5xx or an early end of stream is resumed
+  from the last event id, up to ``max_reconnects`` times in a row without progress; so a
+  dropped connection never costs a second backend run. 4xx answers, redirects, undecodable
+  frames and invalid events fail at once.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from worker.errors import (
     TurnInterrupted,
 )
 from worker.sse import SseFrameTooLarge, SseParser
+from worker.stalls import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ class AgentBackendClient:
         self._max_reconnects = max_reconnects
         self._reconnect_delay = reconnect_delay
         self._max_frame_bytes = max_frame_bytes
+        # Keeps the event streams' read time-out once their headers are in (worker/stalls.py).
+        self._stalls = StallWatch(read_timeout)
         # Requests are prepared here and sent through the adapter (``_send``), not a Session.
         self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self._headers = {"User-Agent": requests.utils.default_user_agent(), "Accept": "*/*",
@@ -175,6 +179,7 @@ class AgentBackendClient:
                                     or os.environ.get("CURL_CA_BUNDLE") or True)
 
     def close(self) -> None:
+        self._stalls.close()
         self._adapter.close()
 
     def _send(self, method: str, path: str, *, body: Any = None,
@@ -292,22 +297,37 @@ class AgentBackendClient:
             _raise_for_status(response, "opening the event stream", run_id=run_id)
             if watcher is not None:
                 watcher.attach_response(response)
+            sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+            stream = self._stalls.watch(sock) if sock is not None else None
             parser = SseParser(self._max_frame_bytes)
             try:
                 for chunk in response.iter_content(chunk_size=None):
+                    if stream is not None:
+                        stream.busy = True
                     for frame in parser.feed(chunk):
                         if frame.event is not None and not frame.data:
                             continue
                         event = parse_event(frame.data, run_id)
                         if event is not None:
                             yield event
+                    if stream is not None:
+                        stream.waits()
             except SseFrameTooLarge as exc:
                 raise ProtocolViolation(str(exc), run_id=run_id) from None
             except (requests.RequestException, OSError) as exc:
+                if stream is not None and stream.timed_out:
+                    raise _Resumable(self._stalled()) from exc
                 raise _Resumable(_why(exc)) from exc
             finally:
+                if stream is not None:
+                    self._stalls.forget(stream)
                 if watcher is not None:
                     watcher.detach_response()
+            if stream is not None and stream.timed_out:
+                raise _Resumable(self._stalled())
+
+    def _stalled(self) -> str:
+        return f"timed out (no byte for {self._stalls.read_timeout:g} s)"
 
 
 class _Resumable(Exception):
