@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # GroupCommit): more lets an event go out without waiting for another turn's round trip;
     # events that arrive while all are busy share the next one.
     publish_round_trips: int = Field(4, gt=0, le=64)
+    # Whether a publish round trip first lets the turns that are ready to run publish with it
+    # (worker/publisher.py, GroupCommit): under load many events share one round trip.
+    publish_gather: bool = True
     turn_state_ttl_seconds: int = Field(24 * 3600, gt=0)
     # The replay log of a turn (worker/publisher.py): kept this long after each write while the
     # turn runs, and this long after its message_end or error, for clients that reconnect late.

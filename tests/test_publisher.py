@@ -707,6 +707,61 @@ def test_calls_that_arrive_during_a_round_trip_share_the_next_one(
     assert commit.round_trips == 2, "the ten calls queued behind the slow one go together"
 
 
+def test_calls_made_while_a_round_trip_gathers_go_out_in_it(
+    redis_client: redis.Redis,
+) -> None:
+    """The leader's gather is where, under gevent, the turns woken with it publish: here it
+    lets four more callers in, on threads, before the round trip leaves."""
+    joiners: list[threading.Thread] = []
+    results: dict[int, Any] = {}
+
+    def call(n: int) -> None:
+        results[n] = commit.call([], [n, 0])
+
+    def gather() -> None:
+        joiners.extend(threading.Thread(target=call, args=(n,)) for n in range(1, 5))
+        for thread in joiners:
+            thread.start()
+        wait_until(lambda: len(commit._gathering or ()) == 5, timeout=5)
+
+    commit = GroupCommit(redis_client, redis_client.register_script(_SLOW_ECHO),
+                         max_in_flight=4, gather=gather)
+    redis_client.script_load(_SLOW_ECHO)
+    call(0)
+    for thread in joiners:
+        thread.join(timeout=10)
+
+    assert results == {n: str(n).encode() for n in range(5)}
+    assert commit.round_trips == 1, "the four callers that came while it gathered went with it"
+    assert commit._gathering is None and commit._in_flight == 0
+
+
+def test_without_gathering_each_free_slot_sends_at_once(redis_client: redis.Redis) -> None:
+    commit = GroupCommit(redis_client, redis_client.register_script(_SLOW_ECHO),
+                         max_in_flight=4, gather=None)
+    redis_client.script_load(_SLOW_ECHO)
+
+    assert [commit.call([], [n, 0]) for n in range(3)] == [b"0", b"1", b"2"]
+    assert commit.round_trips == 3 and commit._gathering is None
+
+
+def test_a_caller_that_gives_up_before_the_gathered_round_trip_leaves_is_not_sent(
+    redis_client: redis.Redis,
+) -> None:
+    commit = GroupCommit(redis_client, redis_client.register_script(_SLOW_ECHO),
+                         max_in_flight=1)
+    leader, quitter = _PendingCall([], ["leader", 0]), _PendingCall([], ["quitter", 0])
+    commit._in_flight = 1  # ``leader`` took the slot and gathers; ``quitter`` joined it
+    leader.batch = commit._gathering = [leader, quitter]
+
+    commit._give_up(quitter)
+    commit._gathering = None
+    commit._lead(leader.batch)
+
+    assert leader.done and leader.result == b"leader"
+    assert not quitter.done and commit.round_trips == 1 and commit._in_flight == 0
+
+
 def test_a_failed_round_trip_fails_its_calls_and_the_next_ones_go_through(
     redis_client: redis.Redis, settings: Settings,
 ) -> None:
