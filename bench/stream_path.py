@@ -43,6 +43,8 @@ class PathFigures:
     latency_p90_ms: float
     latency_p99_ms: float
     failures: int
+    # Publish mode: deltas published per publish round trip (GroupCommit's sharing).
+    events_per_round_trip: float = float("nan")
 
 
 def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigures:
@@ -80,10 +82,11 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
 
     bodies = run_requests(settings, [f"path-{uuid.uuid4().hex[:8]}" for _ in range(turns)])
     run_ids = {key: backend.create_run(body, message_id=key) for key, body in bodies.items()}
-    cpu_before = process_cpu_seconds()
+    cpu_before, trips_before = process_cpu_seconds(), bus._commit.round_trips
     greenlets = [gevent.spawn(follow, key, run_id) for key, run_id in run_ids.items()]
     gevent.joinall(greenlets, timeout=300)
     cpu = process_cpu_seconds() - cpu_before
+    trips = bus._commit.round_trips - trips_before
     failures += [f"{g}: {g.exception!r}" for g in greenlets if g.exception is not None]
     failures += [f"{g}: still running" for g in greenlets if not g.ready()]
     gevent.killall([g for g in greenlets if not g.ready()], timeout=5)
@@ -106,16 +109,18 @@ def measure(mode: str, *, stub_url: str, redis_url: str, turns: int) -> PathFigu
         latency_p90_ms=percentile(latencies, 0.9) * 1000,
         latency_p99_ms=percentile(latencies, 0.99) * 1000,
         failures=len(failures),
+        events_per_round_trip=events / trips if trips else float("nan"),
     )
 
 
 
 def table(rows: Sequence[PathFigures]) -> str:
     out = ["| mode | turns | events | worker-side CPU per event, µs "
-           "| latency p50 / p90 / p99, ms | failed |", "| --- " * 6 + "|"]
+           "| latency p50 / p90 / p99, ms | events per publish round trip | failed |",
+           "| --- " * 7 + "|"]
     out += [f"| {row.mode} | {row.turns:,} | {row.events:,} | {row.cpu_us_per_event:.0f} "
             f"| {row.latency_p50_ms:.1f} / {row.latency_p90_ms:.1f} / {row.latency_p99_ms:.1f} "
-            f"| {row.failures} |" for row in rows]
+            f"| {row.events_per_round_trip:.2f} | {row.failures} |" for row in rows]
     return "\n".join(out)
 
 
