@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.stalls import StallWatch
+from worker.stalls import StallWatch, WatchedStream
 
 READ_TIMEOUT = 0.4
 BOUND_SECONDS = 5.0
@@ -31,6 +31,17 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     writer.close()
 
 
+@pytest.fixture
+def watched(
+    watch: StallWatch, pair: tuple[socket.socket, socket.socket],
+) -> tuple[WatchedStream, socket.socket, socket.socket]:
+    """A stream the watch holds: (its handle, its reader's socket, the backend's end)."""
+    reader, writer = pair
+    stream = watch.watch(reader)
+    assert stream is not None
+    return stream, reader, writer
+
+
 def read_until_closed(sock: socket.socket, until: dict[str, float]) -> None:
     while sock.recv(4096):
         pass
@@ -38,11 +49,10 @@ def read_until_closed(sock: socket.socket, until: dict[str, float]) -> None:
 
 
 def test_a_silent_stream_is_cut_after_the_read_timeout_and_its_blocked_read_returns(
-    watch: StallWatch, pair: tuple[socket.socket, socket.socket],
+    watched: tuple[WatchedStream, socket.socket, socket.socket],
 ) -> None:
-    reader, _ = pair
-    stream = watch.watch(reader)
-    assert stream is not None and reader.gettimeout() is None, "the socket's own timer is off"
+    stream, reader, _ = watched
+    assert reader.gettimeout() is None, "the socket's own timer is off"
     started, until = time.monotonic(), {}
     blocked = threading.Thread(target=read_until_closed, args=(reader, until))
     blocked.start()
@@ -54,11 +64,9 @@ def test_a_silent_stream_is_cut_after_the_read_timeout_and_its_blocked_read_retu
 
 
 def test_a_stream_that_keeps_receiving_bytes_is_not_cut(
-    watch: StallWatch, pair: tuple[socket.socket, socket.socket],
+    watch: StallWatch, watched: tuple[WatchedStream, socket.socket, socket.socket],
 ) -> None:
-    reader, writer = pair
-    stream = watch.watch(reader)
-    assert stream is not None
+    stream, reader, writer = watched
     ends_at = time.monotonic() + READ_TIMEOUT * 3
     while time.monotonic() < ends_at:
         writer.sendall(b": keepalive\n\n")
@@ -71,11 +79,9 @@ def test_a_stream_that_keeps_receiving_bytes_is_not_cut(
 
 
 def test_a_reader_busy_with_what_it_read_is_not_silence(
-    watch: StallWatch, pair: tuple[socket.socket, socket.socket],
+    watch: StallWatch, watched: tuple[WatchedStream, socket.socket, socket.socket],
 ) -> None:
-    reader, _ = pair
-    stream = watch.watch(reader)
-    assert stream is not None
+    stream, _, _ = watched
     stream.busy = True
     stream.waiting_since -= READ_TIMEOUT * 10  # away far longer than the time-out
 
@@ -86,11 +92,9 @@ def test_a_reader_busy_with_what_it_read_is_not_silence(
 
 
 def test_a_forgotten_stream_is_never_cut(
-    watch: StallWatch, pair: tuple[socket.socket, socket.socket],
+    watch: StallWatch, watched: tuple[WatchedStream, socket.socket, socket.socket],
 ) -> None:
-    reader, writer = pair
-    stream = watch.watch(reader)
-    assert stream is not None
+    stream, reader, writer = watched
     watch.forget(stream)
     stream.waiting_since -= READ_TIMEOUT * 10
 
