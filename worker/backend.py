@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 TERMINAL_EVENT_TYPES = frozenset({"run_succeeded", "run_failed", "run_cancelled"})
 KNOWN_EVENT_TYPES = TERMINAL_EVENT_TYPES | {"run_started", "pydantic_ai_event"}
 START_CURSOR = "0-0"
+
+
+def socket_of(response: requests.Response) -> socket.socket | None:
+    """The socket a streamed response reads from; None once it is closed.
+
+    requests offers no handle on it; urllib3 keeps it on the response's connection. The stall
+    watch and the supervisor's stop both shut it down to end a blocked read from elsewhere.
+    """
+    return getattr(getattr(response.raw, "_connection", None), "sock", None)
 
 
 class StreamWatcher(Protocol):
@@ -297,7 +307,7 @@ class AgentBackendClient:
             _raise_for_status(response, "opening the event stream", run_id=run_id)
             if watcher is not None:
                 watcher.attach_response(response)
-            sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+            sock = socket_of(response)
             stream = self._stalls.watch(sock) if sock is not None else None
             parser = SseParser(self._max_frame_bytes)
             try:

@@ -37,7 +37,7 @@ from typing import Any
 
 import redis
 
-from worker.backend import AgentBackendClient
+from worker.backend import AgentBackendClient, socket_of
 from worker.errors import AgentBackendError
 from worker.locks import ConversationLocks, Lease
 
@@ -110,8 +110,7 @@ class TurnControl:
 def _shut(response: Any) -> None:
     # requests exposes no way to interrupt a read from another thread; shutting the socket down
     # makes the blocked recv return at once, and the reader then sees the stop flag.
-    connection = getattr(response.raw, "_connection", None)
-    sock = getattr(connection, "sock", None)
+    sock = socket_of(response)
     if sock is None:
         return
     with contextlib.suppress(OSError):
